@@ -1,0 +1,295 @@
+"""Command line: argument parsing, subcommands, wiring and exit codes.
+
+gevent's monkey-patching must happen before anything imports socket, ssl
+or threading, so it is the first thing this module does (and
+``tests/conftest.py`` does the same). Only this module prints to the
+terminal and chooses exit codes: 0 success, 1 a runtime failure, 2 a user
+mistake (bad configuration, bad arguments, unusable spool), always as one
+line on stderr, never a traceback.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from . import __version__  # noqa: E402
+from . import config as config_module  # noqa: E402
+from . import logs  # noqa: E402
+from .config import Config, ConfigError, HostPort, parse_hostport  # noqa: E402
+from .spool import SpoolError  # noqa: E402
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+DESCRIPTION = """\
+smtpdup relays every message synchronously to a primary SMTP server (the
+client gets the primary's own reply) and copies it asynchronously, durably,
+to backup servers: for mail-server migrations and archives.
+
+Without a subcommand it runs the relay."""
+
+EPILOG = """\
+configuration: --config PATH, else $SMTP_DUP_CONFIG, else ./config.yaml, else
+/etc/smtp-dup/config.yaml; every key can be overridden by an environment
+variable SMTP_DUP_<SECTION>_<KEY>, e.g. SMTP_DUP_RELAY_DESTINATION_PRIMARY.
+See config.example.yaml and README.md."""
+
+
+class UsageError(Exception):
+    """A mistake in the command line, reported as one line."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", metavar="PATH", default=argparse.SUPPRESS,
+        help="configuration file (default: $SMTP_DUP_CONFIG, ./config.yaml, /etc/smtp-dup/config.yaml)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="smtpdup", description=DESCRIPTION, epilog=EPILOG, parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"smtpdup {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    sub.add_parser("run", parents=[common], help="run the relay (the default)",
+                   description="Run the relay until SIGTERM (drain) or SIGINT; SIGHUP reloads the configuration.")
+    sub.add_parser("check", parents=[common], help="validate the configuration and print it",
+                   description="Validate the configuration and print every key with its value and source "
+                               "(passwords masked). Exit status 0 when valid, 2 when not.")
+
+    queue = sub.add_parser("queue", parents=[common], help="inspect or change the backup spool",
+                           description="Inspect the backup spool, dead letters included. Safe while the relay runs.")
+    queue_sub = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
+    listing = queue_sub.add_parser("list", parents=[common], help="list pending and dead copies",
+                                   description="List every copy in the spool: id, age, sender, recipients, "
+                                               "destination, state (pending or dead), attempts, last reply.")
+    listing.add_argument("--json", action="store_true", help="print a JSON array of copies")
+    queue_sub.add_parser("flush", parents=[common], help="make every pending copy due now",
+                         description="Make every pending copy due now; a running relay delivers within seconds.")
+    delete = queue_sub.add_parser("delete", parents=[common], help="delete a copy or a whole message",
+                                  description="Delete one copy (ID as shown by `queue list`, e.g. QUEUEID.0) "
+                                              "or every copy of a message (QUEUEID), pending or dead.")
+    delete.add_argument("id", metavar="ID")
+
+    report = sub.add_parser("report", parents=[common], help="migration readiness per backup",
+                            description="Per backup: copies delivered, pending and dead-lettered, and the "
+                                        "recipients and domains a backup refused although the primary "
+                                        "accepted them.")
+    report.add_argument("--since", default="24h", metavar="DURATION",
+                        help="period to report on: a number with m, h or d (default: 24h)")
+    report.add_argument("--json", action="store_true", help="print one JSON object")
+
+    sink = sub.add_parser("sink", help="a capturing SMTP server storing each message as a file",
+                          description="Accept every message and store it, with its envelope, as a file "
+                                      "under MAILDIR/new/ (for dry runs, demos and tests).")
+    sink.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on")
+    sink.add_argument("--maildir", required=True, metavar="DIR", help="directory to store messages in")
+    sink.add_argument("--domain", default="sink.localhost", help="name in the greeting (default: %(default)s)")
+
+    demo = sub.add_parser("demo", help="the relay with a local primary and backup sink",
+                          description="Run the relay on 127.0.0.1:2525 with a primary sink and a backup "
+                                      "sink storing under DIR/primary and DIR/backup.")
+    demo.add_argument("--dir", default="demo-mail", help="where the sinks store mail (default: %(default)s)")
+    demo.add_argument("--listen", default="127.0.0.1:2525", metavar="HOST:PORT",
+                      help="relay address (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `smtpdup` console script and `python -m smtpdup`."""
+    args = _parser().parse_args(argv)
+    try:
+        status = _dispatch(args)
+    except (ConfigError, SpoolError, UsageError) as exc:
+        print(f"smtpdup: {exc}", file=sys.stderr)
+        status = EXIT_USAGE
+    except KeyboardInterrupt:
+        status = 130
+    sys.exit(status)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    command = args.command or "run"
+    path = getattr(args, "config", None)
+    if command == "run":
+        config = config_module.load(path)
+        _setup_logs(config)
+        from .server import run_relay
+
+        return run_relay(config)
+    if command == "check":
+        config = config_module.load(path)
+        source = config.path or "no file (defaults and environment)"
+        print(f"# smtpdup {__version__}: configuration is valid ({source})")
+        for line in config_module.describe(config):
+            print(line)
+        return EXIT_OK
+    if command == "queue":
+        return _queue(args, config_module.load(path, require_primary=False))
+    if command == "report":
+        return _report(args, config_module.load(path, require_primary=False))
+    if command == "sink":
+        return _sink(_hostport(args.listen, "--listen"), args.maildir, args.domain)
+    if command == "demo":
+        return _demo(args.dir, _hostport(args.listen, "--listen"))
+    raise UsageError(f"unknown command {command!r}")
+
+
+def _setup_logs(config: Config) -> None:
+    logs.setup(config.log.level, config.log.format)
+
+
+def _hostport(text: str, option: str) -> HostPort:
+    try:
+        return parse_hostport(text)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
+
+
+def _spool(config: Config):
+    from .spool import Spool
+
+    return Spool(config.relay.spool_dir)
+
+
+def _queue(args: argparse.Namespace, config: Config) -> int:
+    from . import report
+
+    spool = _spool(config)
+    action = args.queue_command
+    if action == "list":
+        entries = report.queue_entries(spool)
+        if args.json:
+            print(json.dumps(entries, ensure_ascii=False, indent=2))
+        else:
+            print(report.format_queue(entries))
+        return EXIT_OK
+    if action == "flush":
+        spool.request_flush()
+        print("flush requested: a running relay makes every pending copy due within seconds")
+        return EXIT_OK
+    removed = spool.delete(args.id)
+    if not removed:
+        print(f"smtpdup: queue: no copy or message with id {args.id!r} (see `smtpdup queue list`)",
+              file=sys.stderr)
+        return 1
+    print(f"deleted {removed} entr{'y' if removed == 1 else 'ies'} for {args.id}")
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace, config: Config) -> int:
+    from . import report
+
+    try:
+        seconds = report.parse_duration(args.since)
+    except ValueError as exc:
+        raise UsageError(f"--since: {exc}") from None
+    spool = _spool(config)
+    since = time.time() - seconds
+    names = [b.name for b in config.relay.destination_backups]
+    reports = report.build_report(spool, since, names)
+    if args.json:
+        print(json.dumps(report.to_json(reports, since), ensure_ascii=False, indent=2))
+    else:
+        print(report.format_text(reports, args.since))
+    return EXIT_OK
+
+
+def _serve_sink(listen: HostPort, maildir_path: str, domain: str):
+    """Start a sink server; returns it (already listening)."""
+    from .config import SmtpConfig
+    from .server import SmtpServer
+    from .sink import Maildir, SinkSession
+
+    maildir = Maildir(maildir_path)
+    base = config_module.load(None, {"SMTP_DUP_RELAY_DESTINATION_PRIMARY": "127.0.0.1:25",
+                                     "SMTP_DUP_CONFIG": os.devnull}, require_primary=False)
+    smtp: SmtpConfig = base.smtp
+    import dataclasses
+
+    config = dataclasses.replace(base, smtp=dataclasses.replace(
+        smtp, listen=listen, domain=domain, allowed_networks=smtp.allowed_networks,
+    ))
+    server = SmtpServer(config, lambda client_ip: SinkSession(maildir, client_ip))
+    server.start()
+    return server
+
+
+def _sink(listen: HostPort, maildir: str, domain: str) -> int:
+    logs.setup("info", "text")
+    try:
+        server = _serve_sink(listen, maildir, domain)
+    except OSError as exc:
+        raise UsageError(f"sink: cannot listen on {listen}: {exc.strerror or exc}") from None
+    print(f"smtpdup sink: listening on {server.address[0]}:{server.address[1]}, storing under "
+          f"{os.path.join(maildir, 'new')}", file=sys.stderr, flush=True)
+    _wait_for_signal()
+    return EXIT_OK
+
+
+def _wait_for_signal() -> None:
+    import signal
+
+    import gevent
+    from gevent.event import Event
+
+    stop = Event()
+    gevent.signal_handler(signal.SIGTERM, stop.set)
+    gevent.signal_handler(signal.SIGINT, stop.set)
+    stop.wait()
+
+
+def _demo(directory: str, listen: HostPort) -> int:
+    from .server import run_relay
+
+    os.makedirs(directory, exist_ok=True)
+    try:
+        primary = _serve_sink(HostPort("127.0.0.1", 0), os.path.join(directory, "primary"), "primary.demo")
+        backup = _serve_sink(HostPort("127.0.0.1", 0), os.path.join(directory, "backup"), "backup.demo")
+    except OSError as exc:
+        raise UsageError(f"demo: cannot start the sinks: {exc}") from None
+    environ = {
+        "SMTP_DUP_CONFIG": os.devnull,
+        "SMTP_DUP_SMTP_LISTEN": str(listen),
+        "SMTP_DUP_RELAY_DESTINATION_PRIMARY": f"127.0.0.1:{primary.address[1]}",
+        "SMTP_DUP_RELAY_DESTINATION_BACKUPS": f"127.0.0.1:{backup.address[1]}",
+        "SMTP_DUP_RELAY_SPOOL_DIR": os.path.join(directory, "spool"),
+        "SMTP_DUP_RELAY_RETRY_INITIAL_SECONDS": "5",
+        "SMTP_DUP_METRICS_LISTEN": "",
+        "SMTP_DUP_LOG_FORMAT": "text",
+    }
+    config = config_module.load(None, environ)
+    _setup_logs(config)
+    where = os.path.abspath(directory)
+
+    def ready(server) -> None:
+        host, port = server.address
+        print(
+            f"""
+smtpdup demo is running: relay on {host}:{port}
+  primary sink  127.0.0.1:{primary.address[1]} -> {where}/primary/new/
+  backup sink   127.0.0.1:{backup.address[1]} -> {where}/backup/new/
+  spool         {where}/spool/
+
+Send a test message:
+  swaks --server {host}:{port} --from alice@example.com --to bob@example.com
+or with Python:
+  python3 -c "import smtplib; smtplib.SMTP('{host}', {port}).sendmail('alice@example.com', ['bob@example.com'], 'Subject: hi\\r\\n\\r\\nhello\\r\\n')"
+
+Then look at the copies:  ls {where}/primary/new/ {where}/backup/new/
+Stop with Ctrl-C.
+""",
+            file=sys.stderr, flush=True,
+        )
+
+    try:
+        return run_relay(config, ready=ready)
+    except OSError as exc:
+        raise UsageError(f"demo: cannot listen on {listen}: {exc.strerror or exc}") from None

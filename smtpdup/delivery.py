@@ -1,0 +1,440 @@
+"""Backup delivery: due copies from the spool -> a bounded pool -> backups.
+
+One :class:`Scheduler` per process owns the in-memory index of pending
+copies (a queue id, a copy index and a due time each: the backlog itself
+lives on disk) and is the only code that spawns into the backup pool, so a
+slow backup pushes back on the scheduler, never on a client.
+
+Per destination it keeps a short queue of copies that are due now; workers
+in the pool take copies from it and carry as many as they can over one
+SMTP session (RSET between failures), lingering briefly for more. A
+destination that cannot be reached defers every copy queued for it at
+once, without a connection attempt each.
+
+Outcomes, per recipient of a copy: 2xx delivered; 4xx, timeouts and
+connection errors deferred with exponential backoff until
+``retry_max_age_seconds``; 5xx and expiry dead-lettered with the reply.
+The state is saved after every attempt; a copy whose attempt was cut by a
+crash is simply tried again (at-least-once).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import defaultdict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import gevent
+from gevent.event import Event
+from gevent.pool import Pool
+
+from . import logs, metrics
+from .config import Config, Destination
+from .reply import Reply
+from .spool import Copy, Message, Spool
+from .upstream import Upstream, UpstreamError
+
+log = logs.get("delivery")
+
+# Copies due now kept in memory per destination (each pins its Message);
+# beyond this, due copies wait in the on-disk backlog's index until the
+# queue drains, so memory does not grow with the backlog.
+READY_PER_DESTINATION = 1000
+# How long an idle worker keeps its session open for more copies.
+LINGER_SECONDS = 1.0
+# How often the scheduler looks for `smtpdup queue flush` and refreshes
+# the spool gauges.
+POLL_SECONDS = 1.0
+# Content is read from the spool and sent in blocks of this size.
+READ_BLOCK_BYTES = 64 * 1024
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """What one attempt did with each recipient of a copy."""
+
+    delivered: list[str] = field(default_factory=list)
+    deferred: list[str] = field(default_factory=list)
+    refused: list[tuple[str, Reply]] = field(default_factory=list)  # RCPT-level 5xx
+    dead: list[str] = field(default_factory=list)  # whole-copy 5xx
+    reply: Reply | None = None  # the reply that decided the attempt
+
+
+class Scheduler:
+    def __init__(self, config: Config, spool: Spool) -> None:
+        self.config = config
+        self.spool = spool
+        self.pool = Pool(config.relay.backup_concurrency)
+        self._ready: dict[str, deque[str]] = defaultdict(deque)  # destination -> "qid/index"
+        self._delayed: dict[str, list[tuple[float, str]]] = defaultdict(list)  # heaps of (due, "qid/index")
+        self._live: dict[str, list] = {}  # qid -> [Message, copies queued or in flight]
+        self._workers: dict[str, int] = defaultdict(int)
+        self._idle: dict[str, int] = defaultdict(int)
+        self._work: dict[str, Event] = defaultdict(Event)
+        self._wake = Event()
+        self._greenlet: gevent.Greenlet | None = None
+        self._stopping = False
+
+    # -- intake ---------------------------------------------------------
+
+    def load(self) -> int:
+        """Index every pending copy in the spool (at start). Returns the
+        number of copies."""
+        count = 0
+        for message in self.spool.messages():
+            for copy in message.pending():
+                heapq.heappush(self._delayed[copy.destination], (copy.next_attempt, _key(message, copy)))
+                count += 1
+        self._wake.set()
+        return count
+
+    def submit(self, queue_id: str) -> None:
+        """A freshly committed message: its copies are due now."""
+        message = self.spool.load(queue_id)
+        if message is None:
+            return
+        for copy in message.pending():
+            if len(self._ready[copy.destination]) < READY_PER_DESTINATION:
+                self._queue(message, copy)
+            else:
+                heapq.heappush(self._delayed[copy.destination], (0.0, _key(message, copy)))
+        self._wake.set()
+
+    def _queue(self, message: Message, copy: Copy) -> None:
+        live = self._live.setdefault(message.envelope.queue_id, [message, 0])
+        live[1] += 1
+        self._ready[copy.destination].append(_key(message, copy))
+        self._work[copy.destination].set()
+
+    def _release(self, queue_id: str) -> None:
+        live = self._live.get(queue_id)
+        if live is not None:
+            live[1] -= 1
+            if live[1] <= 0:
+                del self._live[queue_id]
+
+    # -- the scheduler loop -----------------------------------------------
+
+    def start(self) -> None:
+        self._greenlet = gevent.spawn(self._run)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop scheduling and end deliveries in flight; what they had not
+        finished stays pending on disk."""
+        self._stopping = True
+        self._wake.set()
+        for event in list(self._work.values()):
+            event.set()
+        self.pool.join(timeout=timeout)
+        self.pool.kill(timeout=timeout)
+        if self._greenlet is not None:
+            self._greenlet.kill(timeout=timeout)
+
+    def _run(self) -> None:
+        next_poll = 0.0
+        while not self._stopping:
+            now = time.time()
+            if now >= next_poll:
+                next_poll = now + POLL_SECONDS
+                if self.spool.take_flush_request():
+                    self.flush()
+                self._update_gauges(now)
+            self._promote(now)
+            self._dispatch()
+            due = [heap[0][0] for dest, heap in self._delayed.items() if heap and self._room(dest)]
+            timeout = max(0.0, min([next_poll, *due]) - time.time())
+            self._wake.wait(timeout)
+            self._wake.clear()
+
+    def flush(self) -> None:
+        """Make every pending copy due now."""
+        for dest, heap in self._delayed.items():
+            self._delayed[dest] = [(0.0, key) for _, key in heap]
+        log.info("queue_flush", extra={"copies": sum(len(h) for h in self._delayed.values())})
+        self._wake.set()
+
+    def _room(self, dest: str) -> bool:
+        return len(self._ready[dest]) < READY_PER_DESTINATION
+
+    def _promote(self, now: float) -> None:
+        """Move due copies from the index to their destination's queue,
+        loading each message from disk (once for all its copies)."""
+        for dest, heap in self._delayed.items():
+            while heap and heap[0][0] <= now and self._room(dest):
+                _, key = heapq.heappop(heap)
+                queue_id, index = _split(key)
+                live = self._live.get(queue_id)
+                message = live[0] if live else self.spool.load(queue_id)
+                if message is None or index >= len(message.copies) or message.copies[index].settled:
+                    continue  # delivered meanwhile, or deleted with `queue delete`
+                self._queue(message, message.copies[index])
+
+    def _dispatch(self) -> None:
+        """Start workers where copies wait and no idle worker is there."""
+        limit = self.config.relay.backup_concurrency
+        for dest, ready in self._ready.items():
+            while ready and len(ready) > self._idle[dest] and self._workers[dest] < limit:
+                if self.pool.free_count() == 0:
+                    return  # a finishing worker wakes the loop
+                self._workers[dest] += 1
+                self.pool.spawn(self._worker, dest)
+                self._idle[dest] += 1  # counted idle until it takes a copy
+
+    # -- workers ----------------------------------------------------------
+
+    def _worker(self, dest_name: str) -> None:
+        upstream: Upstream | None = None
+        ready = self._ready[dest_name]
+        try:
+            while not self._stopping:
+                if not ready:
+                    self._work[dest_name].clear()
+                    self._work[dest_name].wait(LINGER_SECONDS)
+                    if not ready:
+                        return
+                key = ready.popleft()
+                self._idle[dest_name] -= 1
+                try:
+                    upstream = self._deliver(dest_name, key, upstream)
+                finally:
+                    self._idle[dest_name] += 1
+        finally:
+            self._idle[dest_name] -= 1
+            self._workers[dest_name] -= 1
+            if upstream is not None:
+                upstream.quit()
+            self._wake.set()
+
+    def _deliver(self, dest_name: str, key: str, upstream: Upstream | None) -> Upstream | None:
+        """One attempt for one copy; returns the session to reuse, if any."""
+        queue_id, index = _split(key)
+        live = self._live.get(queue_id)
+        try:
+            if live is None:
+                return upstream
+            message = live[0]
+            copy = message.copies[index]
+            if copy.settled:
+                return upstream
+            destination = self._destination(dest_name)
+            if destination is None:
+                self._finish(message, copy, _Attempt(
+                    deferred=list(copy.recipients),
+                    reply=Reply(451, "4.3.5", f"{dest_name} is no longer configured"),
+                ), 0.0)
+                return upstream
+            started = time.monotonic()
+            if upstream is None or not upstream.connected:
+                upstream = Upstream(
+                    destination,
+                    timeout_seconds=self.config.relay.timeout_seconds,
+                    local_hostname=self.config.smtp.domain,
+                    tls_ca_file=self.config.relay.tls_ca_file,
+                )
+                try:
+                    upstream.connect()
+                except UpstreamError as exc:
+                    attempt = _Attempt(deferred=list(copy.recipients), reply=exc.reply)
+                    self._finish(message, copy, attempt, time.monotonic() - started)
+                    self._defer_queued(dest_name, exc.reply)
+                    return None
+            attempt = self._transfer(upstream, message, copy)
+            self._finish(message, copy, attempt, time.monotonic() - started)
+            return upstream if upstream.connected else None
+        finally:
+            self._release(queue_id)
+
+    def _defer_queued(self, dest_name: str, reply: Reply) -> None:
+        """The destination is unreachable: every copy queued for it fails
+        the same way now, without a connection attempt each."""
+        ready = self._ready[dest_name]
+        while ready:
+            queue_id, index = _split(ready.popleft())
+            live = self._live.get(queue_id)
+            try:
+                if live is not None and not live[0].copies[index].settled:
+                    copy = live[0].copies[index]
+                    self._finish(live[0], copy, _Attempt(deferred=list(copy.recipients), reply=reply), 0.0)
+            finally:
+                self._release(queue_id)
+
+    def _transfer(self, upstream: Upstream, message: Message, copy: Copy) -> _Attempt:
+        """MAIL, RCPTs, DATA and content for one copy over an open session."""
+        attempt = _Attempt()
+        envelope = message.envelope
+        try:
+            content = self.spool.open_content(message)
+        except FileNotFoundError:
+            attempt.reply = Reply(250, "2.0.0", "deleted from the queue")
+            return attempt  # nothing left to deliver: settles the copy
+        with content:
+            try:
+                params: dict[str, str | None] = {"SIZE": str(message.content_length)}
+                if envelope.smtputf8:
+                    params["SMTPUTF8"] = None
+                if envelope.body:
+                    params["BODY"] = envelope.body
+                reply = upstream.mail(envelope.sender, params)
+                if reply.code // 100 != 2:
+                    attempt.reply = reply
+                    _classify(attempt, copy.recipients, reply)
+                    _rset(upstream)
+                    return attempt
+                accepted = []
+                for recipient in copy.recipients:
+                    reply = upstream.rcpt(recipient)
+                    if reply.code // 100 == 2:
+                        accepted.append(recipient)
+                    elif reply.code // 100 == 5:
+                        attempt.refused.append((recipient, reply))
+                    else:
+                        attempt.deferred.append(recipient)
+                        attempt.reply = reply
+                if not accepted:
+                    _rset(upstream)
+                    attempt.reply = attempt.reply or (attempt.refused[0][1] if attempt.refused else reply)
+                    return attempt
+                reply = upstream.data()
+                if reply.code != 354:
+                    attempt.reply = reply
+                    _classify(attempt, accepted, reply)
+                    _rset(upstream)
+                    return attempt
+                tail = b"\r\n"
+                remaining = message.content_length
+                while remaining > 0:
+                    block = content.read(min(READ_BLOCK_BYTES, remaining))
+                    if not block:
+                        raise OSError(f"spool file of {envelope.queue_id} is truncated")
+                    remaining -= len(block)
+                    upstream.send(block)
+                    tail = (tail + block[-2:])[-2:]
+                reply = upstream.end_data(tail == b"\r\n")
+                attempt.reply = reply
+                _classify(attempt, accepted, reply)
+            except UpstreamError as exc:
+                done = set(attempt.delivered) | set(attempt.deferred) | set(attempt.dead)
+                done |= {r for r, _ in attempt.refused}
+                attempt.deferred.extend(r for r in copy.recipients if r not in done)
+                attempt.reply = exc.reply
+            except OSError as exc:
+                # A broken spool file: never send a final dot for it.
+                upstream.abort()
+                log.error("spool_read_failed", extra={"queue_id": envelope.queue_id, "error": str(exc)})
+                attempt.deferred = list(copy.recipients)
+                attempt.reply = Reply(451, "4.3.0", "spool file unreadable")
+        return attempt
+
+    def _finish(self, message: Message, copy: Copy, attempt: _Attempt, seconds: float) -> None:
+        """Apply an attempt's outcome to the copy, journal it, save it."""
+        relay_config = self.config.relay
+        envelope = message.envelope
+        now = time.time()
+        dest = copy.destination
+        copy.attempts += 1
+        reply_text = str(attempt.reply) if attempt.reply is not None else ""
+        copy.last_reply = reply_text
+        if attempt.delivered:
+            self.spool.journal({
+                "event": "delivered", "id": envelope.queue_id, "destination": dest,
+                "recipients": attempt.delivered,
+            })
+            metrics.BACKUP_DELIVERIES.labels(dest, "delivered").inc()
+        for recipient, reply in attempt.refused:
+            log.warning("backup_refused_recipient", extra={
+                "queue_id": envelope.queue_id, "destination": dest,
+                "recipient": recipient, "reply": str(reply),
+            })
+            metrics.BACKUP_REFUSED_RECIPIENTS.labels(dest).inc()
+            self.spool.journal({
+                "event": "refused", "id": envelope.queue_id, "destination": dest,
+                "recipient": recipient, "reply": str(reply),
+            })
+        dead = [r for r, _ in attempt.refused] + attempt.dead
+        reasons = [str(reply) for _, reply in attempt.refused]
+        if attempt.dead:
+            reasons.append(reply_text)
+        deferred = attempt.deferred
+        expired = deferred and now - envelope.received_at >= relay_config.retry_max_age_seconds
+        if expired:
+            dead += deferred
+            reasons.append(f"expired after {copy.attempts} attempts: {reply_text}")
+            deferred = []
+        if dead:
+            self.spool.dead_letter(message, copy, dead, "; ".join(dict.fromkeys(reasons)), now)
+            metrics.BACKUP_DELIVERIES.labels(dest, "dead").inc()
+        copy.recipients = list(deferred)
+        outcome = "delivered" if not dead else "dead"
+        if deferred:
+            outcome = "deferred"
+            delay = min(
+                relay_config.retry_initial_seconds * 2 ** (copy.attempts - 1),
+                relay_config.retry_max_interval_seconds,
+            )
+            copy.next_attempt = min(now + delay, envelope.received_at + relay_config.retry_max_age_seconds)
+            heapq.heappush(self._delayed[dest], (copy.next_attempt, _key(message, copy)))
+            metrics.BACKUP_DELIVERIES.labels(dest, "deferred").inc()
+        else:
+            copy.settled = True
+        self.spool.save(message)
+        log.info("backup_attempt", extra={
+            "queue_id": envelope.queue_id, "destination": dest, "attempt": copy.attempts,
+            "reply": reply_text, "outcome": outcome,
+            "delivered": len(attempt.delivered), "deferred": len(deferred), "dead": len(dead),
+            "duration_ms": round(seconds * 1000, 1),
+        })
+
+    def _destination(self, name: str) -> Destination | None:
+        for destination in self.config.relay.destination_backups:
+            if destination.name == name:
+                return destination
+        return None
+
+    def _update_gauges(self, now: float) -> None:
+        pending = sum(len(h) for h in self._delayed.values()) + sum(len(q) for q in self._ready.values())
+        metrics.SPOOL_COPIES.labels("pending").set(pending)
+        oldest = min(
+            (_queue_time(key) for keys in (*self._ready.values(), *(
+                [k for _, k in h] for h in self._delayed.values())) for key in keys),
+            default=now,
+        )
+        metrics.SPOOL_OLDEST_AGE.set(max(0.0, now - oldest))
+
+    def pending_count(self) -> int:
+        return (
+            sum(len(h) for h in self._delayed.values())
+            + sum(len(q) for q in self._ready.values())
+        )
+
+
+def _classify(attempt: _Attempt, recipients: Iterable[str], reply: Reply) -> None:
+    kind = reply.code // 100
+    target = attempt.delivered if kind == 2 else attempt.dead if kind == 5 else attempt.deferred
+    target.extend(recipients)
+
+
+def _rset(upstream: Upstream) -> None:
+    if upstream.connected:
+        try:
+            upstream.rset()
+        except UpstreamError:
+            pass
+
+
+def _key(message: Message, copy: Copy) -> str:
+    return f"{message.envelope.queue_id}/{copy.index}"
+
+
+def _split(key: str) -> tuple[str, int]:
+    queue_id, _, index = key.rpartition("/")
+    return queue_id, int(index)
+
+
+def _queue_time(key: str) -> float:
+    """Queue ids begin with their creation time in milliseconds (hex)."""
+    try:
+        return int(key[:11], 16) / 1000
+    except ValueError:
+        return time.time()

@@ -1,0 +1,404 @@
+"""The relay backend: the primary in lockstep, the backup copy on disk.
+
+For every client session a :class:`RelaySession` forwards MAIL, each RCPT
+and DATA to the primary as the client sends them and answers with the
+primary's own reply. While the content streams to the primary it is also
+written to a spool file, and the order of the last steps is the product's
+promise:
+
+1. the spool file is fsynced (in gevent's threadpool: fsync blocks);
+2. only then does the final dot go to the primary;
+3. a 2xx from the primary commits the file (one rename) and waits for the
+   directory fsync that makes the rename durable (shared by concurrent
+   sessions: group commit);
+4. only then does the client hear the primary's 2xx.
+
+So a 2xx never outruns the spool. Any failure before step 2 drops the
+primary connection without a final dot: nothing is delivered anywhere.
+A session never touches the backup pool; it hands the committed message to
+the delivery scheduler and returns.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gevent
+from gevent.event import AsyncResult
+
+from . import logs, metrics
+from .config import Config, Destination
+from .reply import LOCAL_ERROR, PRIMARY_UNAVAILABLE, Reply
+from .spool import Envelope, Spool, SpoolFile, Target, new_queue_id
+from .upstream import Upstream, UpstreamError
+
+log = logs.get("relay")
+
+# A HELO name goes into the Received header; keep it printable and short.
+MAX_HELO_IN_HEADER = 255
+
+
+class GroupCommit:
+    """Runs ``sync`` in the threadpool on behalf of every caller that
+    arrived before it started; callers that arrive while one runs share
+    the next. One directory fsync thus covers a burst of commits."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self._sync = sync
+        self._waiters: list[AsyncResult] = []
+        self._running = False
+
+    def __call__(self) -> None:
+        """Block this greenlet until a sync that began after the call has
+        finished; re-raise its error."""
+        waiter = AsyncResult()
+        self._waiters.append(waiter)
+        if not self._running:
+            self._running = True
+            gevent.spawn(self._run)
+        waiter.get()
+
+    def _run(self) -> None:
+        threadpool = gevent.get_hub().threadpool
+        try:
+            while self._waiters:
+                batch, self._waiters = self._waiters, []
+                try:
+                    threadpool.apply(self._sync)
+                except OSError as exc:
+                    for waiter in batch:
+                        waiter.set_exception(exc)
+                else:
+                    for waiter in batch:
+                        waiter.set(None)
+        finally:
+            self._running = False
+
+
+def sampled(queue_id: str, destination: Destination) -> bool:
+    """Whether this message is in ``destination``'s sample: decided by a
+    hash of the queue id, so every attempt for a message agrees."""
+    if destination.sample_percent >= 100:
+        return True
+    if destination.sample_percent <= 0:
+        return False
+    digest = hashlib.blake2b(f"{queue_id}/{destination.name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % 10000 < destination.sample_percent * 100
+
+
+def targets_for(queue_id: str, recipients: list[str], backups: tuple[Destination, ...]) -> list[Target]:
+    """The backup copies for a message: one per backup that samples it and
+    wants at least one of its recipients."""
+    targets = []
+    for backup in backups:
+        if not sampled(queue_id, backup):
+            continue
+        wanted = tuple(r for r in recipients if backup.wants(r))
+        if wanted:
+            targets.append(Target(backup.name, wanted))
+    return targets
+
+
+def _printable(text: str, limit: int) -> str:
+    cleaned = "".join(c if 32 < ord(c) < 127 else "?" for c in text[:limit])
+    return cleaned or "unknown"
+
+
+@dataclass(slots=True)
+class _Transaction:
+    queue_id: str
+    sender: str
+    params: dict[str, str | None]
+    received: bytes
+    started: float
+    recipients: list[str]
+    spool_file: SpoolFile | None = None
+    size: int = 0
+    tail: bytes = b"\r\n"  # last two bytes sent: does the content end a line?
+    failure: Reply | None = None  # set when the primary or the spool broke mid-DATA
+
+
+class Relay:
+    """What every relay session shares: the configuration (replaced whole
+    on reload), the spool, the group commit and the delivery hand-off."""
+
+    def __init__(self, config: Config, spool: Spool, submit: Callable[[str], None]) -> None:
+        self.config = config
+        self.spool = spool
+        self.submit = submit
+        self.commit_durable = GroupCommit(spool.sync_directory)
+
+    def session(self, client_ip: str) -> RelaySession:
+        return RelaySession(self, client_ip)
+
+
+class RelaySession:
+    """The backend of one client session (see ``session.Backend``)."""
+
+    def __init__(self, relay: Relay, client_ip: str) -> None:
+        self.relay = relay
+        self.client_ip = client_ip
+        self.helo = ""
+        self.esmtp = False
+        self.tls = False
+        self._primary: Upstream | None = None
+        self._txn: _Transaction | None = None
+
+    # -- session events -------------------------------------------------
+
+    def hello(self, name: str, extended: bool) -> None:
+        self.helo, self.esmtp = name, extended
+
+    def tls_started(self) -> None:
+        self.tls = True
+
+    def reset(self) -> None:
+        """RSET or an implicit reset: forget the envelope; the primary is
+        reset too if it had one, so the connection stays reusable."""
+        txn, self._txn = self._txn, None
+        if txn is None:
+            return
+        self._discard(txn)
+        if self._primary is not None and self._primary.connected:
+            try:
+                self._primary.rset()
+            except UpstreamError:
+                pass  # dropped; the next MAIL reconnects
+
+    def close(self) -> None:
+        txn, self._txn = self._txn, None
+        if txn is not None:
+            self._discard(txn)
+            self._finish(txn, None, "aborted")
+        if self._primary is not None:
+            if txn is not None:
+                self._primary.abort()  # mid-transaction: no final dot, ever
+            else:
+                self._primary.quit()
+            self._primary = None
+
+    # -- the transaction, in lockstep with the primary -------------------
+
+    def mail(self, sender: str, params: dict[str, str | None]) -> Reply:
+        self.reset()
+        config = self.relay.config
+        queue_id = new_queue_id()
+        received = self._received_header(queue_id) if config.smtp.received_header else b""
+        forward = dict(params)
+        if "SIZE" in forward and forward["SIZE"] is not None and forward["SIZE"].isdigit():
+            forward["SIZE"] = str(int(forward["SIZE"]) + len(received))
+        reply = self._primary_mail(sender, forward)
+        if reply.code // 100 == 2:
+            self._txn = _Transaction(queue_id, sender, forward, received, time.monotonic(), [])
+        return reply
+
+    def _primary_mail(self, sender: str, params: dict[str, str | None]) -> Reply:
+        reused = self._primary is not None and self._primary.connected
+        try:
+            primary = self._connected_primary()
+            reply = primary.mail(sender, params)
+            if reused and reply.code == 421:
+                raise UpstreamError(reply)
+            return reply
+        except UpstreamError as exc:
+            if not reused:
+                return self._primary_failed(exc)
+        # A reused connection may have been closed by the primary while
+        # idle: one fresh attempt before telling the client.
+        try:
+            return self._connected_primary().mail(sender, params)
+        except UpstreamError as exc:
+            return self._primary_failed(exc)
+
+    def _connected_primary(self) -> Upstream:
+        config = self.relay.config
+        primary = self._primary
+        if primary is None or primary.destination != config.relay.destination_primary:
+            if primary is not None:
+                primary.quit()
+            assert config.relay.destination_primary is not None
+            primary = self._primary = Upstream(
+                config.relay.destination_primary,
+                timeout_seconds=config.relay.timeout_seconds,
+                local_hostname=config.smtp.domain,
+                tls_ca_file=config.relay.tls_ca_file,
+            )
+        if not primary.connected:
+            primary.connect()
+        return primary
+
+    def _primary_failed(self, exc: UpstreamError) -> Reply:
+        log.warning("primary_unavailable", extra={"client": self.client_ip, "reply": str(exc.reply)})
+        if exc.reply.code // 100 == 5:
+            return exc.reply
+        return PRIMARY_UNAVAILABLE
+
+    def rcpt(self, recipient: str, params: dict[str, str | None]) -> Reply:
+        txn = self._txn
+        if txn is None or self._primary is None or not self._primary.connected:
+            return PRIMARY_UNAVAILABLE
+        try:
+            reply = self._primary.rcpt(recipient)
+        except UpstreamError as exc:
+            return self._primary_failed(exc)
+        if reply.code // 100 == 2:
+            txn.recipients.append(recipient)
+        return reply
+
+    def data(self) -> Reply:
+        txn = self._txn
+        if txn is None or self._primary is None or not self._primary.connected:
+            return PRIMARY_UNAVAILABLE
+        try:
+            reply = self._primary.data()
+        except UpstreamError as exc:
+            return self._primary_failed(exc)
+        if reply.code != 354:
+            self.reset()  # the transaction is over; keep the primary reusable
+            return reply
+        config = self.relay.config
+        targets = targets_for(txn.queue_id, txn.recipients, config.relay.destination_backups)
+        if targets:
+            envelope = Envelope(
+                queue_id=txn.queue_id,
+                sender=txn.sender,
+                recipients=tuple(txn.recipients),
+                client=self.client_ip,
+                smtputf8="SMTPUTF8" in txn.params,
+                body=txn.params.get("BODY"),
+                received_at=time.time(),
+            )
+            try:
+                txn.spool_file = self.relay.spool.create(envelope, targets)
+            except OSError as exc:
+                self._txn = None
+                self._spool_failed(txn, exc)
+                self._finish(txn, LOCAL_ERROR, "aborted")
+                return LOCAL_ERROR
+        if txn.received:
+            self.data_chunk(txn.received)
+            txn.size = 0  # the limit counts what the client sent
+        return reply
+
+    def data_chunk(self, data: bytes) -> None:
+        txn = self._txn
+        if txn is None or txn.failure is not None:
+            return
+        txn.size += len(data)
+        txn.tail = (txn.tail + data[-2:])[-2:]
+        if txn.spool_file is not None:
+            try:
+                txn.spool_file.write(data)
+            except OSError as exc:
+                self._spool_failed(txn, exc)
+                return
+        try:
+            assert self._primary is not None
+            self._primary.send(data)
+        except UpstreamError as exc:
+            txn.failure = self._primary_failed(exc)
+
+    def _spool_failed(self, txn: _Transaction, exc: OSError) -> None:
+        # The primary must never hold a message the backups cannot get:
+        # drop it before the final dot.
+        log.error("spool_write_failed", extra={"queue_id": txn.queue_id, "error": str(exc)})
+        txn.failure = LOCAL_ERROR
+        self._discard(txn)
+        if self._primary is not None:
+            self._primary.abort()
+
+    def data_abort(self) -> None:
+        """The client's content was refused (too big, bare newline): the
+        primary never sees a final dot."""
+        txn, self._txn = self._txn, None
+        if self._primary is not None:
+            self._primary.abort()
+        if txn is not None:
+            self._discard(txn)
+            self._finish(txn, None, "aborted")
+
+    def data_end(self) -> Reply:
+        txn, self._txn = self._txn, None
+        if txn is None:
+            return PRIMARY_UNAVAILABLE
+        reply = self._complete(txn)
+        outcome = {2: "accepted", 4: "deferred", 5: "rejected"}.get(reply.code // 100, "rejected")
+        if txn.failure is not None:
+            outcome = "aborted"
+        self._finish(txn, reply, outcome)
+        return reply
+
+    def _complete(self, txn: _Transaction) -> Reply:
+        primary = self._primary
+        if txn.failure is not None or primary is None or not primary.connected:
+            if primary is not None:
+                primary.abort()
+            self._discard(txn)
+            return txn.failure or PRIMARY_UNAVAILABLE
+        spool_file = txn.spool_file
+        if spool_file is not None:
+            try:
+                gevent.get_hub().threadpool.apply(spool_file.sync)
+            except OSError as exc:
+                self._spool_failed(txn, exc)
+                return LOCAL_ERROR
+        started = time.monotonic()
+        try:
+            reply = primary.end_data(txn.tail == b"\r\n")
+        except UpstreamError as exc:
+            self._discard(txn)
+            return self._primary_failed(exc)
+        finally:
+            metrics.PRIMARY_LATENCY.observe(time.monotonic() - started)
+        if reply.code // 100 != 2 or spool_file is None:
+            self._discard(txn)
+            return reply
+        try:
+            spool_file.commit()
+            self.relay.commit_durable()
+        except OSError as exc:
+            # The primary has it but its copy is not safe: the client must
+            # retry (a duplicate at the primary beats a lost copy).
+            log.error("spool_commit_failed", extra={"queue_id": txn.queue_id, "error": str(exc)})
+            self._discard(txn)
+            return LOCAL_ERROR
+        self.relay.submit(txn.queue_id)
+        return reply
+
+    def _discard(self, txn: _Transaction) -> None:
+        if txn.spool_file is not None:
+            txn.spool_file.discard()
+            txn.spool_file = None
+
+    def _finish(self, txn: _Transaction, reply: Reply | None, outcome: str) -> None:
+        metrics.TRANSACTIONS.labels(outcome).inc()
+        log.info(
+            "transaction",
+            extra={
+                "queue_id": txn.queue_id,
+                "client": self.client_ip,
+                "sender": txn.sender,
+                "recipients": len(txn.recipients),
+                "size": txn.size,
+                "reply": str(reply) if reply is not None else "client gone",
+                "outcome": outcome,
+                "duration_ms": round((time.monotonic() - txn.started) * 1000, 1),
+            },
+        )
+
+    def _received_header(self, queue_id: str) -> bytes:
+        """RFC 5321 §4.4 trace line, folded; never more than one."""
+        helo = _printable(self.helo, MAX_HELO_IN_HEADER)
+        with_ = ("ESMTP" if self.esmtp else "SMTP") + ("S" if self.tls else "")
+        ip = self.client_ip
+        literal = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+        date = email.utils.formatdate(usegmt=False, localtime=False).replace("-0000", "+0000")
+        return (
+            f"Received: from {helo} ({literal})\r\n"
+            f"\tby {self.relay.config.smtp.domain} (smtpdup) with {with_} id {queue_id};\r\n"
+            f"\t{date}\r\n"
+        ).encode("ascii", "replace")

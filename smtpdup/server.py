@@ -1,0 +1,269 @@
+"""The listening side: accept, admit, serve, drain, reload.
+
+:class:`SmtpServer` wraps a gevent ``StreamServer``. It admits a connection
+only from ``smtp.allowed_networks`` (554 5.7.1 otherwise) and below
+``smtp.max_connections`` (421 4.7.0 otherwise), answering those itself:
+``spawn=Pool(n)`` would silently stop accepting instead. Sessions run in
+an unbounded pool so that a drain can wait for them and then end them.
+
+:func:`run_relay` wires a whole relay process: spool, scheduler, server,
+metrics endpoint and signals (SIGTERM/SIGINT drain, SIGHUP reload).
+"""
+
+from __future__ import annotations
+
+import resource
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Callable
+
+import gevent
+from gevent.event import Event
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
+from . import config as config_module
+from . import logs, metrics
+from .config import Config, ConfigError
+from .delivery import Scheduler
+from .protocol import Limits
+from .relay import Relay
+from .reply import ACCESS_DENIED, SHUTTING_DOWN, TOO_MANY_CONNECTIONS
+from .session import Backend, Drain, Session
+from .spool import Spool
+
+log = logs.get("server")
+
+# How often a drain looks whether the last sessions have finished.
+DRAIN_POLL_SECONDS = 0.05
+
+
+def server_tls_context(config: Config) -> ssl.SSLContext | None:
+    """The inbound STARTTLS context, or None when no certificate is set.
+    Raises ConfigError for an unusable certificate or key."""
+    smtp = config.smtp
+    if not smtp.tls_cert_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(smtp.tls_cert_file, smtp.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"config: smtp.tls_cert_file ({config.sources.get('smtp.tls_cert_file', 'default')}): "
+            f"cannot load certificate/key: {exc}"
+        ) from None
+    return context
+
+
+def limits_for(config: Config, tls: bool) -> Limits:
+    smtp = config.smtp
+    return Limits(
+        max_message_bytes=smtp.max_message_bytes,
+        max_recipients=smtp.max_recipients,
+        bare_newline=smtp.bare_newline,
+        require_tls=smtp.require_tls,
+        tls_available=tls,
+    )
+
+
+class SmtpServer:
+    def __init__(
+        self,
+        config: Config,
+        backend_factory: Callable[[str], Backend],
+        *,
+        listener: socket.socket | None = None,
+    ) -> None:
+        self.backend_factory = backend_factory
+        self.sessions: dict[Session, gevent.Greenlet] = {}
+        self.draining = False
+        self.reconfigure(config)
+        listen = config.smtp.listen
+        self._server = StreamServer(
+            listener if listener is not None else (listen.host, listen.port),
+            self._handle,
+            spawn=Pool(None),
+        )
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a new configuration to sessions that start from now on."""
+        tls_context = server_tls_context(config)
+        self.config = config
+        self.tls_context = tls_context
+        self.limits = limits_for(config, tls_context is not None)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._server.address[:2]
+
+    def start(self) -> None:
+        self._server.start()
+        log.info("listening", extra={"address": f"{self.address[0]}:{self.address[1]}"})
+
+    def _handle(self, sock: socket.socket, address: tuple) -> None:
+        client_ip = address[0]
+        smtp = self.config.smtp
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        refusal = None
+        if not smtp.allows(client_ip):
+            refusal, outcome = ACCESS_DENIED, "denied_network"
+        elif self.draining:
+            refusal, outcome = SHUTTING_DOWN, "over_limit"
+        elif len(self.sessions) >= smtp.max_connections:
+            refusal, outcome = TOO_MANY_CONNECTIONS, "over_limit"
+        if refusal is not None:
+            metrics.CONNECTIONS.labels(outcome).inc()
+            log.info("connection_refused", extra={"client": client_ip, "reply": str(refusal)})
+            try:
+                sock.sendall(refusal.to_bytes())
+            except OSError:
+                pass
+            sock.close()
+            return
+        metrics.CONNECTIONS.labels("accepted").inc()
+        session = Session(
+            sock,
+            client_ip,
+            self.backend_factory(client_ip),
+            limits=self.limits,
+            domain=smtp.domain,
+            idle_timeout_seconds=smtp.idle_timeout_seconds,
+            tls_context=self.tls_context,
+        )
+        self.sessions[session] = gevent.getcurrent()
+        metrics.ACTIVE_SESSIONS.inc()
+        try:
+            session.run()
+        finally:
+            del self.sessions[session]
+            metrics.ACTIVE_SESSIONS.dec()
+
+    def drain(self, grace_seconds: float) -> None:
+        """Stop accepting; idle sessions get 421 4.3.2 now, sessions in a
+        transaction may finish it within ``grace_seconds``, then are cut
+        (before their final dot: their clients never heard 250)."""
+        self.draining = True
+        self._server.close()
+        deadline = time.monotonic() + grace_seconds
+        told: set[Session] = set()
+        while self.sessions and time.monotonic() < deadline:
+            for session, greenlet in list(self.sessions.items()):
+                session.draining = True
+                if session.idle and session not in told:
+                    told.add(session)
+                    greenlet.kill(Drain, block=False)
+            gevent.sleep(DRAIN_POLL_SECONDS)
+        for session, greenlet in list(self.sessions.items()):
+            if session not in told:
+                greenlet.kill(Drain, block=False)
+        gevent.joinall(list(self.sessions.values()), timeout=1.0)
+
+
+def raise_fd_limit() -> None:
+    """Lift the soft open-files limit to the hard one: every connection and
+    every backup session is a descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+class RelayService:
+    """A whole relay in this process: spool, scheduler, SMTP server and
+    metrics endpoint. ``run_relay`` drives it from signals; tests drive it
+    directly."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.spool = Spool(config.relay.spool_dir)
+        self.recovered_files = self.spool.recover()
+        self.scheduler = Scheduler(config, self.spool)
+        self.relay = Relay(config, self.spool, self.scheduler.submit)
+        self.server = SmtpServer(config, self.relay.session)
+        self.draining = False
+        self._http = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server.address
+
+    def start(self) -> None:
+        """Load the pending copies, then listen and deliver."""
+        pending = self.scheduler.load()
+        config = self.config
+        metrics.declare_destinations(b.name for b in config.relay.destination_backups)
+        if config.metrics.listen is not None:
+            self._http = metrics.serve(config.metrics.listen, ready=lambda: not self.draining)
+        self.server.start()
+        self.scheduler.start()
+        log.info("started", extra={
+            "version": _version(), "pending_copies": pending, "recovered_files": self.recovered_files,
+            "primary": config.relay.destination_primary.name if config.relay.destination_primary else None,
+            "backups": [b.name for b in config.relay.destination_backups],
+        })
+
+    def reload(self, new: Config) -> None:
+        """Apply a new configuration without dropping sessions. Raises
+        ConfigError (the old configuration stays) for an unusable one."""
+        self.server.reconfigure(new)
+        old, self.config = self.config, new
+        self.relay.config = new
+        self.scheduler.config = new
+        metrics.declare_destinations(b.name for b in new.relay.destination_backups)
+        if new.smtp.listen != old.smtp.listen or new.relay.spool_dir != old.relay.spool_dir:
+            log.warning("reload_needs_restart", extra={"keys": "smtp.listen, relay.spool_dir"})
+        log.info("reloaded", extra={"backups": [b.name for b in new.relay.destination_backups]})
+
+    def stop(self, grace_seconds: float | None = None) -> None:
+        """Drain sessions, stop deliveries; the spool keeps what is pending."""
+        self.draining = True
+        grace = self.config.smtp.shutdown_grace_seconds if grace_seconds is None else grace_seconds
+        log.info("draining", extra={"sessions": len(self.server.sessions), "grace_seconds": grace})
+        self.server.drain(grace)
+        self.scheduler.stop()
+        if self._http is not None:
+            self._http.stop(timeout=1)
+        log.info("stopped", extra={"pending_copies": self.scheduler.pending_count()})
+
+
+def run_relay(config: Config, *, ready: Callable[[SmtpServer], None] | None = None) -> int:
+    """Run the relay until SIGTERM/SIGINT; returns the exit status.
+
+    Raises SpoolError or ConfigError (exit 2 in cli) for problems found at
+    start, before anything listens.
+    """
+    raise_fd_limit()
+    service = RelayService(config)
+    service.start()
+    if ready is not None:
+        ready(service.server)
+    stop = Event()
+
+    def reload() -> None:
+        try:
+            new = config_module.load(service.config.path)
+            service.reload(new)
+        except ConfigError as exc:
+            log.error("reload_failed", extra={"error": str(exc)})
+            return
+        logs.setup(new.log.level, new.log.format)
+
+    gevent.signal_handler(signal.SIGTERM, stop.set)
+    gevent.signal_handler(signal.SIGINT, stop.set)
+    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
+    stop.wait()
+    service.stop()
+    return 0
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

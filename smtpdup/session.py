@@ -1,0 +1,179 @@
+"""The gevent shell around one client connection.
+
+A :class:`Session` moves bytes between the socket and the sans-IO
+:class:`~smtpdup.protocol.ServerProtocol`, and hands the events that need a
+verdict to a :class:`Backend` (the relay, or the sink). Replies to a
+pipelined batch leave in one write, and only right before the session
+blocks on a read. Every read waits at most ``idle_timeout_seconds``.
+
+It owns no policy: what to answer comes from the protocol or the backend.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from typing import Protocol
+
+from . import logs
+from .protocol import (
+    ConnectionClosed,
+    DataAbort,
+    DataChunk,
+    DataEnd,
+    DataStart,
+    Hello,
+    Limits,
+    MailFrom,
+    Quit,
+    RcptTo,
+    Reset,
+    ServerProtocol,
+    StartTls,
+)
+from .reply import IDLE_TIMEOUT, LOCAL_ERROR, SHUTTING_DOWN, Reply
+
+log = logs.get("session")
+
+# Bytes asked of the socket per read: large enough that a DATA stream
+# arrives in few, large chunks (per-event cost is where Python pays).
+RECV_BYTES = 256 * 1024
+
+
+class Backend(Protocol):
+    """What a session needs from whatever handles the mail."""
+
+    def hello(self, name: str, extended: bool) -> None: ...
+    def tls_started(self) -> None: ...
+    def mail(self, sender: str, params: dict[str, str | None]) -> Reply: ...
+    def rcpt(self, recipient: str, params: dict[str, str | None]) -> Reply: ...
+    def data(self) -> Reply: ...
+    def data_chunk(self, data: bytes) -> None: ...
+    def data_end(self) -> Reply: ...
+    def data_abort(self) -> None: ...
+    def reset(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class Drain(BaseException):
+    """Thrown into an idle session when the server shuts down."""
+
+
+class Session:
+    def __init__(
+        self,
+        sock: socket.socket,
+        client_ip: str,
+        backend: Backend,
+        *,
+        limits: Limits,
+        domain: str,
+        idle_timeout_seconds: float,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.sock = sock
+        self.client_ip = client_ip
+        self.backend = backend
+        self.proto = ServerProtocol(limits, domain)
+        self.idle_timeout_seconds = idle_timeout_seconds
+        self.tls_context = tls_context
+        self.draining = False
+        self.idle = False  # blocked on a read with no transaction open
+        self.in_transaction = False
+
+    def run(self) -> None:
+        """Serve the connection until QUIT, close, timeout or drain."""
+        sock = self.sock
+        try:
+            sock.settimeout(self.idle_timeout_seconds)
+            self._serve()
+        except Drain:
+            self._last_words(SHUTTING_DOWN)
+        except socket.timeout:
+            self._last_words(IDLE_TIMEOUT)
+        except (OSError, ssl.SSLError) as exc:
+            log.debug("connection_lost", extra={"client": self.client_ip, "error": str(exc)})
+        except Exception:
+            # A bug: the client hears a temporary failure, never our text.
+            log.exception("session_failed", extra={"client": self.client_ip})
+            self._last_words(LOCAL_ERROR)
+        finally:
+            try:
+                self.backend.close()
+            except Drain:
+                pass  # cut while closing: nothing is left to finish
+            finally:
+                self.sock.close()
+
+    def _last_words(self, reply: Reply) -> None:
+        try:
+            self.sock.sendall(reply.to_bytes())
+        except OSError:
+            pass
+
+    def _serve(self) -> None:
+        proto = self.proto
+        pending = proto.greeting()
+        while True:
+            for event in proto.events():
+                pending += self._dispatch(event)
+            pending += proto.data_to_send()
+            if pending:
+                self.sock.sendall(pending)
+                pending = b""
+            if proto.closed:
+                return
+            if self._start_tls:
+                self._wrap_tls()
+                continue
+            if self.draining and not self.in_transaction and not proto.in_data:
+                self._last_words(SHUTTING_DOWN)
+                return
+            self.idle = not self.in_transaction and not proto.in_data
+            try:
+                data = self.sock.recv(RECV_BYTES)
+            finally:
+                self.idle = False
+            proto.receive_data(data)
+
+    _start_tls = False
+
+    def _dispatch(self, event: object) -> bytes:
+        """Hand one event to the backend; returns reply bytes, if any."""
+        backend = self.backend
+        proto = self.proto
+        match event:
+            case DataChunk(data=data):
+                backend.data_chunk(data)
+            case MailFrom(sender=sender, params=params):
+                reply = backend.mail(sender, params)
+                self.in_transaction = reply.code // 100 == 2
+                return proto.reply(reply) or b""
+            case RcptTo(recipient=recipient, params=params):
+                return proto.reply(backend.rcpt(recipient, params)) or b""
+            case DataStart():
+                return proto.reply(backend.data()) or b""
+            case DataEnd():
+                reply = backend.data_end()
+                self.in_transaction = False
+                return proto.reply(reply) or b""
+            case DataAbort():
+                backend.data_abort()
+                self.in_transaction = False
+            case Reset():
+                backend.reset()
+                self.in_transaction = False
+            case Hello(name=name, extended=extended):
+                backend.hello(name, extended)
+            case StartTls():
+                self._start_tls = True
+            case Quit() | ConnectionClosed():
+                pass
+        return b""
+
+    def _wrap_tls(self) -> None:
+        self._start_tls = False
+        assert self.tls_context is not None
+        self.sock = self.tls_context.wrap_socket(self.sock, server_side=True)
+        self.proto.tls_started()
+        self.backend.tls_started()

@@ -1,0 +1,1174 @@
+"""Durable spool of backup copies: write, fsync, commit, list, dead-letter, journal.
+
+This module owns everything under ``relay.spool_dir`` and nothing else. It is
+blocking, stdlib-only code (no gevent, sockets or log handlers): the caller
+runs its blocking calls (``fsync``, directory scans) in a threadpool.
+
+Layout (directories 0700, files 0600)::
+
+    tmp/<qid>                 message being written: JSON header line + content
+    tmp/<qid>.state.<rand>    state file being written
+    msg/<qid>                 committed message, immutable
+    msg/<qid>.state           mutable per-copy state; absent = every copy fresh
+    dead/<qid>.<index>        dead-lettered copy: hard link to the message file
+    dead/<qid>.<index>.json   its record (destination, recipients, reason ...)
+    journal/<YYYY-MM-DD>.jsonl  outcome log (UTC days) read by ``report``
+    corrupt/                  quarantined files that could not be parsed
+    flush                     trigger file written by ``queue flush``
+
+Why "a copy the sender was told is delivered is never lost" holds:
+
+* The content is fsynced before the final dot goes to the primary
+  (``SpoolFile.sync``; ``commit`` fsyncs again itself if anything was written
+  after that), so a committed name always points at complete content.
+* Commit is one ``rename(tmp/<qid>, msg/<qid>)``: a message is either wholly
+  in ``msg/`` or not there at all, never half-written. ``sync_directory``
+  (fsync of ``msg/``) then makes the new name durable; one call covers every
+  commit before it (group commit), and the 250 goes to the client only after.
+* A crash before the rename leaves only ``tmp/`` leftovers, which
+  ``recover`` removes: those clients never got a 2xx.
+* A message file is removed only by ``save`` once every copy is settled
+  (delivered to every recipient, or dead-lettered), or by an operator's
+  ``delete``. Dead letters hard-link the content into ``dead/`` and fsync
+  ``dead/`` before the caller can settle the copy, so content survives the
+  removal of ``msg/<qid>`` without being copied.
+* The state file is replaced atomically but not fsynced: losing it after a
+  crash only makes copies due again (an earlier retry, at worst a duplicate
+  delivery of recipients already delivered): at-least-once, never zero.
+  ``settled`` is monotonic: ``save`` keeps a copy settled when another process
+  (``queue delete``) settled it on disk meanwhile.
+
+Journal events (one JSON object per line, ``t`` = epoch seconds; ``id`` is
+always the copy id ``<qid>.<index>``)::
+
+    {"t", "event": "delivered", "id", "destination", "recipients": [...]}
+    {"t", "event": "dead",      "id", "destination", "recipients": [...], "reply"}
+    {"t", "event": "refused",   "id", "destination", "recipient", "reply"}
+    {"t", "event": "deleted",   "id", "destination", "recipients": [...]}
+
+``delivered``: one per successful delivery transaction (``journal_delivered``).
+``dead``: written by ``dead_letter``. ``refused``: a backup permanently
+refused one recipient the primary accepted (``journal_refused``, by the
+delivery code). ``deleted``: an operator removed a pending copy.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import os
+import re
+import secrets
+import time
+import weakref
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator, Mapping, Sequence
+
+__all__ = [
+    "Copy",
+    "DeadLetter",
+    "Envelope",
+    "Message",
+    "Spool",
+    "SpoolError",
+    "SpoolFile",
+    "Target",
+    "copy_id",
+    "new_queue_id",
+    "queue_id_time",
+]
+
+HEADER_VERSION = 1
+
+# First read of a message file: headers are a few hundred bytes, and reading
+# more would copy content we do not need (a startup scan reads every header).
+HEADER_FIRST_READ_BYTES = 4096
+# Bound on a header line: smtp.max_recipients (1000) x 256-octet addresses
+# (RFC 5321 path limit), once for the envelope and once per backup target,
+# is well under this; anything longer is corrupt.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+# Bound on a state or dead-letter record read (same arithmetic as above).
+MAX_RECORD_BYTES = MAX_HEADER_BYTES
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+_SECONDS_PER_DAY = 86400
+
+_QID_RE = re.compile(r"[0-9a-f]{20}")
+_COPY_ID_RE = re.compile(r"([0-9a-f]{20})\.([0-9]{1,6})")
+_JOURNAL_RE = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2})\.jsonl")
+
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC
+_APPEND_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | _O_CLOEXEC
+
+
+class SpoolError(Exception):
+    """The spool directory is unusable; the message is one line for the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What the primary accepted: the envelope every backup copy carries."""
+
+    queue_id: str
+    sender: str
+    recipients: tuple[str, ...]  # recipients the primary accepted
+    client: str  # client IP
+    smtputf8: bool = False
+    body: str | None = None  # MAIL BODY= value, e.g. "8BITMIME"
+    received_at: float = 0.0  # epoch seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One backup copy, decided at DATA start."""
+
+    destination: str  # Destination.name (never contains a password)
+    recipients: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class Copy:
+    """Mutable delivery state of one copy (one target of one message)."""
+
+    index: int
+    destination: str
+    recipients: list[str]  # still to deliver
+    attempts: int = 0
+    next_attempt: float = 0.0  # epoch seconds
+    last_reply: str = ""
+    settled: bool = False  # delivered to every recipient, or dead
+
+
+@dataclass(slots=True)
+class Message:
+    """A committed message: its envelope, copies, and where its content lies."""
+
+    envelope: Envelope
+    copies: list[Copy]
+    content_offset: int  # byte offset of content in the file
+    content_length: int
+
+    @property
+    def queue_id(self) -> str:
+        return self.envelope.queue_id
+
+    def pending(self) -> list[Copy]:
+        """Copies not settled yet."""
+        return [c for c in self.copies if not c.settled]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A dead-lettered copy, kept with its content until an operator deletes it."""
+
+    id: str  # "<qid>.<index>"
+    envelope: Envelope
+    destination: str
+    recipients: tuple[str, ...]
+    attempts: int
+    reason: str  # the destination's reply, or "expired after N attempts: <last reply>"
+    dead_at: float
+
+
+def new_queue_id() -> str:
+    """A unique, filename-safe queue id that sorts by time.
+
+    11 hex digits of milliseconds since the epoch (good until the year 2527)
+    followed by 9 random hex digits (36 bits: collisions within one
+    millisecond are negligible, and ``create`` uses O_EXCL anyway).
+    """
+    return f"{time.time_ns() // 1_000_000:011x}{secrets.randbits(36):09x}"
+
+
+def queue_id_time(queue_id: str) -> float:
+    """Epoch seconds encoded in a queue id (ms precision); ValueError if malformed."""
+    if not _QID_RE.fullmatch(queue_id):
+        raise ValueError(f"not a queue id: {queue_id!r}")
+    return int(queue_id[:11], 16) / 1000.0
+
+
+def copy_id(queue_id: str, index: int) -> str:
+    """The id of one copy as shown by ``queue list``: ``<qid>.<index>``."""
+    return f"{queue_id}.{index}"
+
+
+# --- low-level helpers -------------------------------------------------------
+
+
+def _dumps(obj: object) -> bytes:
+    # surrogatepass: an address decoded with surrogateescape still round-trips.
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode(
+        "utf-8", "surrogatepass"
+    )
+
+
+def _loads(data: bytes) -> object:
+    return json.loads(data.decode("utf-8", "surrogatepass"))
+
+
+def _write_all(fd: int, buffers: list[bytes | bytearray | memoryview]) -> None:
+    """Write every buffer in order, without joining them (no content copy)."""
+    if len(buffers) == 1:
+        data = buffers[0]
+        n = os.write(fd, data)
+        if n == len(data):
+            return
+        buffers = [memoryview(data)[n:]]
+    else:
+        total = sum(len(b) for b in buffers)
+        n = os.writev(fd, buffers)
+        if n == total:
+            return
+        views = [memoryview(b) for b in buffers]
+        while n:  # drop what was written
+            if n >= len(views[0]):
+                n -= len(views.pop(0))
+            else:
+                views[0] = views[0][n:]
+                n = 0
+        buffers = views  # type: ignore[assignment]
+    for buf in buffers:  # rare: a short write (signal, nearly full disk)
+        view = memoryview(buf)
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+def _read_small(path: str, limit: int = MAX_RECORD_BYTES) -> bytes:
+    """Whole small file (state or record); raises OSError, ValueError if over limit."""
+    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+    try:
+        chunks = []
+        size = 0
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > limit:
+                raise ValueError(f"{path}: longer than {limit} bytes")
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: str) -> bool:
+    """Remove a file; False if it was already gone."""
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _day_of(t: float) -> tuple[str, float]:
+    """UTC day name (YYYY-MM-DD) of epoch seconds, and that day's start."""
+    start = (int(t) // _SECONDS_PER_DAY) * _SECONDS_PER_DAY
+    return time.strftime("%Y-%m-%d", time.gmtime(start)), float(start)
+
+
+def _day_start(name: str) -> float:
+    return float(calendar.timegm(time.strptime(name, "%Y-%m-%d")))
+
+
+class _Corrupt(ValueError):
+    """A spool file whose content cannot be parsed."""
+
+
+def _str(obj: Mapping[str, object], key: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise _Corrupt(f"{key}: expected a string")
+    return value
+
+
+def _strs(obj: Mapping[str, object], key: str) -> tuple[str, ...]:
+    value = obj.get(key)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Corrupt(f"{key}: expected a list of strings")
+    return tuple(value)
+
+
+def _num(obj: Mapping[str, object], key: str) -> float:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Corrupt(f"{key}: expected a number")
+    return float(value)
+
+
+def _int(obj: Mapping[str, object], key: str) -> int:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Corrupt(f"{key}: expected an integer")
+    return value
+
+
+def _encode_header(envelope: Envelope, targets: Sequence[Target]) -> bytes:
+    return _dumps(
+        {
+            "v": HEADER_VERSION,
+            "id": envelope.queue_id,
+            "sender": envelope.sender,
+            "recipients": list(envelope.recipients),
+            "client": envelope.client,
+            "smtputf8": envelope.smtputf8,
+            "body": envelope.body,
+            "received_at": envelope.received_at,
+            "targets": [
+                {"destination": t.destination, "recipients": list(t.recipients)}
+                for t in targets
+            ],
+        }
+    )
+
+
+def _decode_header(line: bytes, queue_id: str) -> tuple[Envelope, tuple[Target, ...]]:
+    try:
+        obj = _loads(line)
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
+        raise _Corrupt(f"header is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise _Corrupt("header is not a JSON object")
+    if obj.get("v") != HEADER_VERSION:
+        raise _Corrupt(f"unknown header version {obj.get('v')!r}")
+    if obj.get("id") != queue_id:
+        raise _Corrupt(f"header id {obj.get('id')!r} does not match the file name")
+    body = obj.get("body")
+    if body is not None and not isinstance(body, str):
+        raise _Corrupt("body: expected a string or null")
+    smtputf8 = obj.get("smtputf8")
+    if not isinstance(smtputf8, bool):
+        raise _Corrupt("smtputf8: expected a boolean")
+    raw_targets = obj.get("targets")
+    if not isinstance(raw_targets, list):
+        raise _Corrupt("targets: expected a list")
+    targets = []
+    for raw in raw_targets:
+        if not isinstance(raw, dict):
+            raise _Corrupt("targets: expected objects")
+        targets.append(Target(_str(raw, "destination"), _strs(raw, "recipients")))
+    envelope = Envelope(
+        queue_id=queue_id,
+        sender=_str(obj, "sender"),
+        recipients=_strs(obj, "recipients"),
+        client=_str(obj, "client"),
+        smtputf8=smtputf8,
+        body=body,
+        received_at=_num(obj, "received_at"),
+    )
+    return envelope, tuple(targets)
+
+
+def _read_header(path: str, queue_id: str) -> tuple[Envelope, tuple[Target, ...], int, int]:
+    """Envelope, targets, content offset and content length of a message file.
+
+    Reads only the header line. Raises OSError (FileNotFoundError if gone)
+    or _Corrupt.
+    """
+    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+    try:
+        chunk = os.read(fd, HEADER_FIRST_READ_BYTES)
+        newline = chunk.find(b"\n")
+        if newline < 0:
+            chunks = [chunk]
+            size = len(chunk)
+            while newline < 0:
+                if size > MAX_HEADER_BYTES:
+                    raise _Corrupt(f"no header line in the first {MAX_HEADER_BYTES} bytes")
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise _Corrupt("truncated header")
+                newline = chunk.find(b"\n")
+                if newline >= 0:
+                    newline += size
+                chunks.append(chunk)
+                size += len(chunk)
+            chunk = b"".join(chunks)
+        file_size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    envelope, targets = _decode_header(chunk[:newline], queue_id)
+    offset = newline + 1
+    return envelope, targets, offset, file_size - offset
+
+
+def _decode_state(data: bytes, targets: Sequence[Target]) -> dict[int, Copy]:
+    """Copies recorded in a state file, by index; raises _Corrupt."""
+    try:
+        obj = _loads(data)
+    except ValueError as exc:
+        raise _Corrupt(f"state is not JSON: {exc}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("copies"), list):
+        raise _Corrupt("state: expected an object with a copies list")
+    copies: dict[int, Copy] = {}
+    for raw in obj["copies"]:
+        if not isinstance(raw, dict):
+            raise _Corrupt("state: expected copy objects")
+        index = _int(raw, "index")
+        if not 0 <= index < len(targets):
+            raise _Corrupt(f"state: copy index {index} out of range")
+        settled = raw.get("settled")
+        if not isinstance(settled, bool):
+            raise _Corrupt("settled: expected a boolean")
+        copies[index] = Copy(
+            index=index,
+            destination=targets[index].destination,  # the header is authoritative
+            recipients=list(_strs(raw, "recipients")),
+            attempts=_int(raw, "attempts"),
+            next_attempt=_num(raw, "next_attempt"),
+            last_reply=_str(raw, "last_reply"),
+            settled=settled,
+        )
+    return copies
+
+
+def _encode_state(copies: Sequence[Copy]) -> bytes:
+    return _dumps(
+        {
+            "v": HEADER_VERSION,
+            "copies": [
+                {
+                    "index": c.index,
+                    "recipients": c.recipients,
+                    "attempts": c.attempts,
+                    "next_attempt": c.next_attempt,
+                    "last_reply": c.last_reply,
+                    "settled": c.settled,
+                }
+                for c in copies
+            ],
+        }
+    )
+
+
+def _state_all_settled(data: bytes) -> bool:
+    """True if a state file records every copy settled (and at least one copy)."""
+    try:
+        obj = _loads(data)
+    except ValueError:
+        return False
+    if not isinstance(obj, dict) or not isinstance(obj.get("copies"), list):
+        return False
+    copies = obj["copies"]
+    return bool(copies) and all(isinstance(c, dict) and c.get("settled") is True for c in copies)
+
+
+# --- writing a message -------------------------------------------------------
+
+
+class SpoolFile:
+    """A message being written to ``tmp/<qid>``; ``commit`` moves it to ``msg/``.
+
+    Usage::
+
+        with spool.create(envelope, targets) as f:
+            for chunk in content: f.write(chunk)
+            f.sync()            # before the final dot goes to the primary
+            ...                 # primary answers 2xx
+            f.commit()
+        spool.sync_directory()  # before the 250 goes to the client
+
+    Leaving the ``with`` block without ``commit`` discards the file.
+    Not thread-safe: one writer per file.
+    """
+
+    __slots__ = ("queue_id", "_fd", "_tmp_path", "_msg_path", "_pending_header", "_dirty", "_committed")
+
+    def __init__(self, queue_id: str, fd: int, tmp_path: str, msg_path: str, header: bytes) -> None:
+        self.queue_id = queue_id
+        self._fd: int | None = fd
+        self._tmp_path = tmp_path
+        self._msg_path = msg_path
+        # The header goes out with the first write, in one writev: a syscall
+        # saved per message, and still no copy of the content.
+        self._pending_header: bytes | None = header
+        self._dirty = True
+        self._committed = False
+
+    def _require_open(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"spool file {self.queue_id} is closed")
+        return self._fd
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append content bytes (wire form); buffered by the OS only. Raises OSError."""
+        fd = self._require_open()
+        if self._pending_header is not None:
+            _write_all(fd, [self._pending_header, data])
+            self._pending_header = None
+        elif data:
+            _write_all(fd, [data])
+        self._dirty = True
+
+    def sync(self) -> None:
+        """fsync the file (blocking): content is on disk. Raises OSError."""
+        fd = self._require_open()
+        if self._pending_header is not None:
+            _write_all(fd, [self._pending_header])
+            self._pending_header = None
+        os.fsync(fd)
+        self._dirty = False
+
+    def commit(self) -> None:
+        """Close and rename to ``msg/<qid>``; durable after ``Spool.sync_directory``.
+
+        fsyncs first if anything was written since ``sync`` (so a committed
+        name never points at content that is not on disk). Raises OSError;
+        on failure the file stays in ``tmp/`` (``discard`` removes it).
+        """
+        if self._committed:
+            return
+        if self._dirty or self._pending_header is not None:
+            self.sync()
+        fd = self._require_open()
+        self._fd = None
+        os.close(fd)
+        os.rename(self._tmp_path, self._msg_path)
+        self._committed = True
+
+    def discard(self) -> None:
+        """Close and remove the uncommitted file. Idempotent; never raises."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if not self._committed:
+            try:
+                os.unlink(self._tmp_path)
+            except OSError:
+                pass
+
+    def __enter__(self) -> SpoolFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.discard()
+
+
+# --- the spool -----------------------------------------------------------------
+
+
+class _JournalFiles:
+    """Open append descriptors of the newest journal days, shared without a lock.
+
+    No lock, because the caller's threads may be gevent-patched; instead every
+    step is one atomic dict/attribute operation under the GIL:
+    ``setdefault`` publishes a descriptor exactly once (a loser closes its
+    own, never-published one) and ``pop`` hands each one to exactly one
+    closer. A day is closed only once a day two days newer is opened, so a
+    writer that fetched a descriptor just before a switch never writes to a
+    closed, or reused, descriptor.
+    """
+
+    __slots__ = ("by_day", "current", "__weakref__")
+
+    def __init__(self) -> None:
+        self.by_day: dict[float, int] = {}  # day start -> fd
+        self.current: tuple[float, float, int] | None = None  # (day start, day end, fd)
+
+    def close(self) -> None:
+        self.current = None
+        for day in list(self.by_day):
+            fd = self.by_day.pop(day, None)
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+class Spool:
+    """The spool directory. Methods are blocking; safe to share between threads
+    and with other processes (``smtpdup queue`` while the relay runs)."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        """Create the directories (parents too) and probe that the disk takes
+        an fsynced file. Raises SpoolError (one line) on any failure."""
+        self.directory = os.fspath(directory)
+        self._tmp = os.path.join(self.directory, "tmp")
+        self._msg = os.path.join(self.directory, "msg")
+        self._dead = os.path.join(self.directory, "dead")
+        self._journal_dir = os.path.join(self.directory, "journal")
+        self._corrupt = os.path.join(self.directory, "corrupt")
+        self._flush = os.path.join(self.directory, "flush")
+        self._journal_files = _JournalFiles()
+        weakref.finalize(self, self._journal_files.close)
+        where = self.directory
+        try:
+            if os.path.exists(where) and not os.path.isdir(where):
+                raise SpoolError(f"spool: {where} exists and is not a directory")
+            for path in (self.directory, self._tmp, self._msg, self._dead, self._journal_dir):
+                where = path
+                os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+            # rename (commit) and link (dead letters) need one filesystem.
+            devices = {os.stat(p).st_dev for p in (self._tmp, self._msg, self._dead)}
+            if len(devices) != 1:
+                raise SpoolError(f"spool: {self.directory}: tmp/, msg/ and dead/ must be on one filesystem")
+        except OSError as exc:
+            raise SpoolError(f"spool: cannot create {where}: {exc}") from None
+        probe = os.path.join(self._tmp, f".probe-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            fd = os.open(probe, _NEW_FILE_FLAGS, FILE_MODE)
+            try:
+                os.write(fd, b"probe\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                _unlink(probe)
+        except OSError as exc:
+            raise SpoolError(f"spool: {self.directory} is not writable: {exc}") from None
+
+    def close(self) -> None:
+        """Close journal descriptors (also done when the Spool is collected)."""
+        self._journal_files.close()
+
+    def __repr__(self) -> str:
+        return f"Spool({self.directory!r})"
+
+    # -- paths and ids --
+
+    def _msg_path(self, queue_id: str) -> str:
+        return os.path.join(self._msg, queue_id)
+
+    def _state_path(self, queue_id: str) -> str:
+        return os.path.join(self._msg, queue_id + ".state")
+
+    def _dead_path(self, dead_id: str) -> str:
+        return os.path.join(self._dead, dead_id)
+
+    # -- writing --
+
+    def create(self, envelope: Envelope, targets: Sequence[Target]) -> SpoolFile:
+        """Start ``tmp/<qid>`` with the header (written with the first content).
+
+        Raises OSError on disk errors, ValueError on a malformed queue id.
+        """
+        queue_id = envelope.queue_id
+        if not _QID_RE.fullmatch(queue_id):
+            raise ValueError(f"not a queue id: {queue_id!r}")
+        header = _encode_header(envelope, targets) + b"\n"
+        tmp_path = os.path.join(self._tmp, queue_id)
+        fd = os.open(tmp_path, _NEW_FILE_FLAGS, FILE_MODE)
+        return SpoolFile(queue_id, fd, tmp_path, self._msg_path(queue_id), header)
+
+    def sync_directory(self) -> None:
+        """fsync ``msg/``: every commit before this call is durable (group commit)."""
+        _fsync_dir(self._msg)
+
+    # -- reading --
+
+    def _quarantine(self, queue_id: str) -> None:
+        """Move a corrupt message (and its state) to ``corrupt/``; never raises."""
+        try:
+            os.makedirs(self._corrupt, mode=DIR_MODE, exist_ok=True)
+            for name in (queue_id, queue_id + ".state"):
+                try:
+                    os.rename(os.path.join(self._msg, name), os.path.join(self._corrupt, name))
+                except FileNotFoundError:
+                    pass
+        except OSError:
+            pass
+
+    def _read_message(self, queue_id: str, has_state: bool = True) -> Message | None:
+        """Message with state, None if gone; quarantines it if corrupt."""
+        try:
+            envelope, targets, offset, length = _read_header(self._msg_path(queue_id), queue_id)
+        except FileNotFoundError:
+            return None
+        except _Corrupt:
+            self._quarantine(queue_id)
+            return None
+        recorded: dict[int, Copy] = {}
+        if has_state:
+            try:
+                recorded = _decode_state(_read_small(self._state_path(queue_id)), targets)
+            except FileNotFoundError:
+                pass
+            except (_Corrupt, ValueError):
+                # Written without fsync: a crash can leave it empty. Treat
+                # every copy as fresh (a retry, never a loss) and keep the
+                # evidence.
+                try:
+                    os.makedirs(self._corrupt, mode=DIR_MODE, exist_ok=True)
+                    os.rename(
+                        self._state_path(queue_id),
+                        os.path.join(self._corrupt, f"{queue_id}.state.{secrets.token_hex(4)}"),
+                    )
+                except OSError:
+                    pass
+        copies = [
+            recorded.get(i) or Copy(index=i, destination=t.destination, recipients=list(t.recipients))
+            for i, t in enumerate(targets)
+        ]
+        return Message(envelope, copies, offset, length)
+
+    def messages(self) -> Iterator[Message]:
+        """Every committed message with its state, in queue-id order.
+
+        Reads only headers and state files. Corrupt messages are moved to
+        ``corrupt/`` and skipped; messages removed meanwhile are skipped.
+        The directory listing is taken once, at the first ``next()``.
+        """
+        names: list[str] = []
+        states: set[str] = set()
+        with os.scandir(self._msg) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.endswith(".state"):
+                    states.add(name[:-6])
+                elif _QID_RE.fullmatch(name):
+                    names.append(name)
+        names.sort()
+        for queue_id in names:
+            message = self._read_message(queue_id, queue_id in states)
+            if message is not None:
+                yield message
+
+    def load(self, queue_id: str) -> Message | None:
+        """One message with its state; None if gone (done, deleted, corrupt) or
+        if ``queue_id`` is not a queue id."""
+        if not _QID_RE.fullmatch(queue_id):
+            return None
+        return self._read_message(queue_id)
+
+    def open_content(self, message: Message) -> BinaryIO:
+        """Unbuffered binary file seeked to the content; the caller reads
+        ``message.content_length`` bytes and closes it. Raises
+        FileNotFoundError if the message was deleted meanwhile."""
+        f = open(self._msg_path(message.queue_id), "rb", buffering=0)
+        try:
+            f.seek(message.content_offset)
+        except BaseException:
+            f.close()
+            raise
+        return f  # type: ignore[return-value]
+
+    # -- state --
+
+    def save(self, message: Message) -> None:
+        """Persist the copies' state atomically; if every copy is settled,
+        remove ``msg/<qid>`` and its state instead. Raises OSError.
+
+        A copy already settled on disk (``queue delete`` from another
+        process) stays settled, and ``message`` is updated to match.
+        """
+        queue_id = message.queue_id
+        state_path = self._state_path(queue_id)
+        if not all(c.settled for c in message.copies):
+            try:
+                on_disk = _decode_state(_read_small(state_path), [
+                    Target(c.destination, ()) for c in message.copies
+                ])
+            except (OSError, ValueError):
+                on_disk = {}
+            for c in message.copies:
+                recorded = on_disk.get(c.index)
+                if recorded is not None and recorded.settled and not c.settled:
+                    c.settled = True
+        if all(c.settled for c in message.copies):
+            # Message first: if we crash in between, an orphan state file is
+            # harmless and recover() removes it.
+            _unlink(self._msg_path(queue_id))
+            _unlink(state_path)
+            return
+        tmp_path = os.path.join(self._tmp, f"{queue_id}.state.{secrets.token_hex(4)}")
+        fd = os.open(tmp_path, _NEW_FILE_FLAGS, FILE_MODE)
+        try:
+            try:
+                _write_all(fd, [_encode_state(message.copies)])
+            finally:
+                os.close(fd)
+            os.rename(tmp_path, state_path)
+        except BaseException:
+            _unlink(tmp_path)
+            raise
+        if not os.path.exists(self._msg_path(queue_id)):
+            # Deleted while we worked (queue delete): do not leave an orphan.
+            _unlink(state_path)
+
+    # -- dead letters --
+
+    def dead_letter(
+        self, message: Message, copy: Copy, recipients: Sequence[str], reason: str, now: float
+    ) -> DeadLetter:
+        """Keep ``recipients`` of ``copy`` as dead: content hard-linked into
+        ``dead/<qid>.<index>``, then the record ``.json``, then ``dead/`` is
+        fsynced, then a "dead" journal event. Returns the dead letter.
+
+        Does NOT change ``copy`` or ``message``: the caller removes
+        ``recipients`` from ``copy.recipients``, sets ``copy.settled`` when
+        none are left, then calls ``save`` (only after this returned, so the
+        content is safe before the message file can go).
+
+        A second call for the same copy (another recipient refused later)
+        merges into the same dead letter: recipients are added, distinct
+        reasons joined with " | ". Raises FileNotFoundError if the message
+        was deleted meanwhile, OSError on disk errors.
+        """
+        queue_id = message.queue_id
+        dead_id = copy_id(queue_id, copy.index)
+        link_path = self._dead_path(dead_id)
+        record_path = link_path + ".json"
+        merged_recipients = list(dict.fromkeys(recipients))
+        merged_reason = reason
+        try:
+            os.link(self._msg_path(queue_id), link_path)
+        except FileExistsError:
+            previous = self._read_dead_record(record_path)
+            if previous is not None:
+                old_recipients = previous.get("recipients")
+                if isinstance(old_recipients, list):
+                    merged_recipients = list(
+                        dict.fromkeys([r for r in old_recipients if isinstance(r, str)] + merged_recipients)
+                    )
+                old_reason = previous.get("reason")
+                if isinstance(old_reason, str) and old_reason and old_reason != reason:
+                    merged_reason = f"{old_reason} | {reason}"
+        record = {
+            "v": HEADER_VERSION,
+            "id": dead_id,
+            "destination": copy.destination,
+            "recipients": merged_recipients,
+            "attempts": copy.attempts,
+            "reason": merged_reason,
+            "dead_at": now,
+        }
+        tmp_path = os.path.join(self._tmp, f"{dead_id}.json.{secrets.token_hex(4)}")
+        fd = os.open(tmp_path, _NEW_FILE_FLAGS, FILE_MODE)
+        try:
+            try:
+                _write_all(fd, [_dumps(record)])
+            finally:
+                os.close(fd)
+            os.rename(tmp_path, record_path)
+        except BaseException:
+            _unlink(tmp_path)
+            raise
+        # The link must be durable before the caller may settle the copy and
+        # let save() remove msg/<qid>. Dead letters are rare: one fsync each.
+        _fsync_dir(self._dead)
+        self.journal(
+            {
+                "t": now,
+                "event": "dead",
+                "id": dead_id,
+                "destination": copy.destination,
+                "recipients": list(recipients),
+                "reply": reason,
+            }
+        )
+        return DeadLetter(
+            id=dead_id,
+            envelope=message.envelope,
+            destination=copy.destination,
+            recipients=tuple(merged_recipients),
+            attempts=copy.attempts,
+            reason=merged_reason,
+            dead_at=now,
+        )
+
+    @staticmethod
+    def _read_dead_record(path: str) -> dict | None:
+        try:
+            obj = _loads(_read_small(path))
+        except (OSError, ValueError):
+            return None
+        return obj if isinstance(obj, dict) else None
+
+    def _read_dead_letter(self, dead_id: str, queue_id: str, index: int) -> DeadLetter | None:
+        link_path = self._dead_path(dead_id)
+        try:
+            envelope, targets, _, _ = _read_header(link_path, queue_id)
+        except FileNotFoundError:
+            return None
+        except _Corrupt:
+            try:
+                os.makedirs(self._corrupt, mode=DIR_MODE, exist_ok=True)
+                for suffix in ("", ".json"):
+                    try:
+                        os.rename(link_path + suffix, os.path.join(self._corrupt, dead_id + suffix))
+                    except FileNotFoundError:
+                        pass
+            except OSError:
+                pass
+            return None
+        target = targets[index] if index < len(targets) else Target("", ())
+        record = self._read_dead_record(link_path + ".json")
+        try:
+            if record is None:
+                raise _Corrupt("no record")
+            return DeadLetter(
+                id=dead_id,
+                envelope=envelope,
+                destination=_str(record, "destination"),
+                recipients=_strs(record, "recipients"),
+                attempts=_int(record, "attempts"),
+                reason=_str(record, "reason"),
+                dead_at=_num(record, "dead_at"),
+            )
+        except _Corrupt:
+            # A crash between link and record: the content is safe; say so.
+            try:
+                dead_at = os.stat(link_path).st_ctime
+            except OSError:
+                dead_at = 0.0
+            return DeadLetter(
+                id=dead_id,
+                envelope=envelope,
+                destination=target.destination,
+                recipients=target.recipients,
+                attempts=0,
+                reason="unknown (dead-letter record missing or unreadable)",
+                dead_at=dead_at,
+            )
+
+    def _dead_ids(self, queue_id: str | None = None) -> list[tuple[str, str, int]]:
+        found = []
+        with os.scandir(self._dead) as entries:
+            for entry in entries:
+                match = _COPY_ID_RE.fullmatch(entry.name)
+                if match and (queue_id is None or match.group(1) == queue_id):
+                    found.append((entry.name, match.group(1), int(match.group(2))))
+        found.sort(key=lambda item: (item[1], item[2]))
+        return found
+
+    def dead_letters(self) -> Iterator[DeadLetter]:
+        """Every dead letter, in id order (a directory scan: not for hot paths)."""
+        for dead_id, queue_id, index in self._dead_ids():
+            letter = self._read_dead_letter(dead_id, queue_id, index)
+            if letter is not None:
+                yield letter
+
+    # -- operator actions --
+
+    def delete(self, id: str) -> int:
+        """Delete ``<qid>`` (the message: its pending copies and dead letters)
+        or ``<qid>.<index>`` (that pending copy, marked settled via ``save``,
+        and/or that dead letter). Returns how many entries (pending copies,
+        dead letters) were removed; 0 if none or ``id`` is malformed."""
+        removed = 0
+        match = _COPY_ID_RE.fullmatch(id)
+        if match:
+            queue_id, index = match.group(1), int(match.group(2))
+            message = self.load(queue_id)
+            if message is not None and index < len(message.copies):
+                copy = message.copies[index]
+                if not copy.settled:
+                    copy.settled = True
+                    self.save(message)
+                    self._journal_deleted(queue_id, copy)
+                    removed += 1
+            removed += self._delete_dead(id)
+            return removed
+        if not _QID_RE.fullmatch(id):
+            return 0
+        message = self.load(id)
+        if message is not None:
+            pending = message.pending()
+            _unlink(self._msg_path(id))
+            _unlink(self._state_path(id))
+            for copy in pending:
+                self._journal_deleted(id, copy)
+            removed += len(pending)
+        for dead_id, _, _ in self._dead_ids(id):
+            removed += self._delete_dead(dead_id)
+        return removed
+
+    def _delete_dead(self, dead_id: str) -> int:
+        link_path = self._dead_path(dead_id)
+        # Link first: a leftover record without its link is ignored (recover removes it).
+        existed = _unlink(link_path)
+        existed = _unlink(link_path + ".json") or existed
+        return int(existed)
+
+    def _journal_deleted(self, queue_id: str, copy: Copy) -> None:
+        self.journal(
+            {
+                "event": "deleted",
+                "id": copy_id(queue_id, copy.index),
+                "destination": copy.destination,
+                "recipients": list(copy.recipients),
+            }
+        )
+
+    def request_flush(self) -> None:
+        """Ask the running relay to make every pending copy due now."""
+        fd = os.open(self._flush, os.O_WRONLY | os.O_CREAT | _O_CLOEXEC, FILE_MODE)
+        os.close(fd)
+
+    def take_flush_request(self) -> bool:
+        """True (and the request is consumed) if a flush was requested. One syscall."""
+        return _unlink(self._flush)
+
+    # -- recovery --
+
+    def recover(self) -> int:
+        """At start, before delivering: remove ``tmp/`` leftovers (partial
+        writes from a crash: those clients never got a 2xx), messages whose
+        state says every copy is settled, state files without a message and
+        dead-letter records without their link. Returns files removed.
+
+        Reads state files only, not message headers: ``save`` always records
+        every copy, so "all settled" is visible there.
+        """
+        removed = 0
+        with os.scandir(self._tmp) as entries:
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False) and _unlink(entry.path):
+                    removed += 1
+        messages: set[str] = set()
+        states: list[str] = []
+        with os.scandir(self._msg) as entries:
+            for entry in entries:
+                if entry.name.endswith(".state"):
+                    states.append(entry.name[:-6])
+                else:
+                    messages.add(entry.name)
+        for queue_id in states:
+            state_path = self._state_path(queue_id)
+            if queue_id not in messages:
+                removed += _unlink(state_path)
+                continue
+            try:
+                data = _read_small(state_path)
+            except (OSError, ValueError):
+                continue
+            if _state_all_settled(data):
+                removed += _unlink(self._msg_path(queue_id))
+                removed += _unlink(state_path)
+        with os.scandir(self._dead) as entries:
+            names = {entry.name for entry in entries}
+        for name in names:
+            if name.endswith(".json") and name[:-5] not in names:
+                removed += _unlink(self._dead_path(name))
+        return removed
+
+    # -- journal --
+
+    def _journal_fd(self, t: float) -> tuple[int, bool]:
+        """Descriptor for the UTC day of ``t``; True if the caller must close it."""
+        files = self._journal_files
+        current = files.current
+        if current is not None and current[0] <= t < current[1]:
+            return current[2], False  # the per-event path: no syscall
+        name, start = _day_of(t)
+        path = os.path.join(self._journal_dir, name + ".jsonl")
+        if (current is not None and start < current[0]) or t > time.time() + 3600:
+            # Stamped for an earlier day (never republish a closed day) or
+            # far in the future (must not close today's descriptor): private.
+            return os.open(path, _APPEND_FLAGS, FILE_MODE), True
+        fd = files.by_day.get(start)
+        if fd is None:
+            new = os.open(path, _APPEND_FLAGS, FILE_MODE)
+            fd = files.by_day.setdefault(start, new)
+            if fd != new:
+                os.close(new)  # another thread published first
+        files.current = (start, start + _SECONDS_PER_DAY, fd)
+        for day in list(files.by_day):
+            if day < start - _SECONDS_PER_DAY:
+                old = files.by_day.pop(day, None)
+                if old is not None:
+                    os.close(old)
+        return fd, False
+
+    def journal(self, event: Mapping[str, object]) -> None:
+        """Append one JSON line (one O_APPEND write) to the journal of the UTC
+        day of ``event["t"]`` (set to now if absent). Raises OSError."""
+        record = dict(event)
+        t = record.get("t")
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            t = time.time()
+            record = {"t": t, **record}
+        line = _dumps(record) + b"\n"
+        fd, close = self._journal_fd(float(t))
+        try:
+            _write_all(fd, [line])
+        finally:
+            if close:
+                os.close(fd)
+
+    def journal_delivered(self, message: Message, copy: Copy, recipients: Sequence[str]) -> None:
+        """Journal a successful delivery transaction of ``recipients`` of ``copy``."""
+        self.journal(
+            {
+                "event": "delivered",
+                "id": copy_id(message.queue_id, copy.index),
+                "destination": copy.destination,
+                "recipients": list(recipients),
+            }
+        )
+
+    def journal_refused(self, message: Message, copy: Copy, recipient: str, reply: str) -> None:
+        """Journal that the backup permanently refused a recipient the primary accepted."""
+        self.journal(
+            {
+                "event": "refused",
+                "id": copy_id(message.queue_id, copy.index),
+                "destination": copy.destination,
+                "recipient": recipient,
+                "reply": reply,
+            }
+        )
+
+    def _journal_days(self) -> list[tuple[str, str]]:
+        try:
+            with os.scandir(self._journal_dir) as entries:
+                days = [
+                    (m.group(1), entry.path)
+                    for entry in entries
+                    if (m := _JOURNAL_RE.fullmatch(entry.name))
+                ]
+        except FileNotFoundError:
+            return []
+        days.sort()
+        return days
+
+    def journal_since(self, since: float) -> Iterator[dict]:
+        """Events with ``t >= since``, oldest day first, reading only the day
+        files from the day of ``since`` on. Torn or malformed lines (a crash
+        mid-write) are skipped."""
+        first_day, _ = _day_of(max(since, 0.0))
+        for day, path in self._journal_days():
+            if day < first_day:
+                continue
+            try:
+                f = open(path, "rb")
+            except FileNotFoundError:
+                continue  # pruned meanwhile
+            with f:
+                for line in f:
+                    try:
+                        event = _loads(line)
+                    except ValueError:
+                        continue
+                    if not isinstance(event, dict):
+                        continue
+                    t = event.get("t")
+                    if isinstance(t, (int, float)) and not isinstance(t, bool) and t >= since:
+                        yield event
+
+    def prune_journal(self, now: float, keep_days: int = 35) -> int:
+        """Remove journal days that ended more than ``keep_days`` days before
+        ``now``. Returns how many files were removed."""
+        removed = 0
+        cutoff = now - keep_days * _SECONDS_PER_DAY
+        for day, path in self._journal_days():
+            try:
+                end = _day_start(day) + _SECONDS_PER_DAY
+            except ValueError:
+                continue
+            if end <= cutoff:
+                removed += _unlink(path)
+        return removed

@@ -1,0 +1,224 @@
+# tests/conftest.py applies gevent's monkey-patching for the whole suite.
+# Until it exists (and when this module runs alone), patch here, and only if
+# nobody did: the metrics server is a greenlet, and an unpatched urllib would
+# block the only thread it runs in.
+from gevent import monkey
+
+if not monkey.is_module_patched("socket"):
+    monkey.patch_all()
+
+import io  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from datetime import datetime  # noqa: E402
+
+import pytest  # noqa: E402
+
+from smtpdup import logs, metrics  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Stands in for smtpdup.config.HostPort (same .host and .port)."""
+
+    host: str
+    port: int
+
+
+@pytest.fixture
+def log_stream():
+    stream = io.StringIO()
+    yield stream
+    root = logging.getLogger(logs.ROOT)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.NOTSET)
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(**kwargs):
+        kwargs.setdefault("ready", lambda: True)
+        server = metrics.serve(Listen("127.0.0.1", 0), **kwargs)
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop(timeout=1)
+
+
+def fetch(url, method="GET"):
+    """Return (status, content type, body), HTTP errors included."""
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.headers["Content-Type"], error.read()
+
+
+# --- logs -----------------------------------------------------------------
+
+
+def test_json_line_has_leading_fields_and_extras(log_stream):
+    logs.setup(level="info", fmt="json", stream=log_stream)
+    logs.get("relay").info("transaction", extra={"queue_id": "Q1", "code": 250, "sender": "a@b.example"})
+
+    lines = log_stream.getvalue().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert list(record)[:4] == ["time", "level", "logger", "event"]
+    assert record["event"] == "transaction"
+    assert record["level"] == "info"
+    assert record["logger"] == "smtpdup.relay"
+    assert record["queue_id"] == "Q1" and record["code"] == 250 and record["sender"] == "a@b.example"
+    assert record["time"].endswith("Z")
+    assert datetime.fromisoformat(record["time"].replace("Z", "+00:00")).utcoffset().total_seconds() == 0
+    # No LogRecord internals leak into the line.
+    assert not {"msg", "args", "levelno", "pathname", "message"} & set(record)
+
+
+def test_json_extra_cannot_shadow_leading_fields(log_stream):
+    logs.setup(fmt="json", stream=log_stream)
+    logs.get("t").warning("spool_full", extra={"event": "other", "level": "x"})
+    record = json.loads(log_stream.getvalue())
+    assert record["event"] == "spool_full" and record["level"] == "warning"
+
+
+def test_json_exception_is_one_line_with_exc_info(log_stream):
+    logs.setup(fmt="json", stream=log_stream)
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        logs.get("t").exception("delivery_failed", extra={"queue_id": "Q2"})
+    lines = log_stream.getvalue().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["level"] == "error" and "RuntimeError: boom" in record["exc_info"]
+
+
+def test_setup_twice_replaces_handler_and_level(log_stream):
+    first = io.StringIO()
+    logs.setup(level="info", fmt="json", stream=first)
+    logs.setup(level="warning", fmt="json", stream=log_stream)
+    log = logs.get("t")
+    log.info("hidden")
+    log.warning("shown")
+    assert first.getvalue() == ""
+    assert [json.loads(line)["event"] for line in log_stream.getvalue().splitlines()] == ["shown"]
+    assert len(logging.getLogger(logs.ROOT).handlers) == 1
+
+
+def test_text_format_is_one_readable_line(log_stream):
+    logs.setup(level="debug", fmt="text", stream=log_stream)
+    logs.get("session").debug("connect", extra={"client": "127.0.0.1:4711", "reply": "250 2.0.0 ok\r\nx", "n": 3})
+    line = log_stream.getvalue()
+    assert line.count("\n") == 1
+    time, level, event, rest = line.rstrip("\n").split(" ", 3)
+    assert time.endswith("Z") and level == "debug" and event == "connect"
+    assert rest == 'client=127.0.0.1:4711 reply="250 2.0.0 ok\\r\\nx" n=3'
+
+
+def test_bad_level_or_format_raises():
+    with pytest.raises(ValueError):
+        logs.setup(level="loud")
+    with pytest.raises(ValueError):
+        logs.setup(fmt="xml")
+
+
+def test_get_is_under_smtpdup():
+    assert logs.get("relay").name == "smtpdup.relay"
+
+
+# --- metrics --------------------------------------------------------------
+
+
+def test_metrics_endpoint_serves_registry(serve):
+    base = serve()
+    metrics.CONNECTIONS.labels(outcome="accepted").inc()
+    status, content_type, body = fetch(base + "/metrics")
+    assert status == 200
+    assert content_type.startswith("text/plain")
+    text = body.decode()
+    assert 'smtpdup_connections_total{outcome="accepted"}' in text
+    # Series declared up front read 0 before their first event.
+    assert 'smtpdup_transactions_total{outcome="aborted"}' in text
+    assert 'smtpdup_spool_copies{state="dead"}' in text
+    assert "smtpdup_primary_latency_seconds_bucket" in text
+    # Only our own registry: no process/platform collectors, no *_created.
+    assert "python_gc_" not in text and "_created" not in text
+
+
+def test_every_metric_is_named_smtpdup():
+    names = [m.name for m in metrics.REGISTRY.collect()]
+    assert names and all(name.startswith("smtpdup_") for name in names)
+
+
+def test_counter_increment_is_visible(serve):
+    base = serve()
+
+    def value():
+        for line in fetch(base + "/metrics")[2].decode().splitlines():
+            if line.startswith('smtpdup_connections_total{outcome="over_limit"}'):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError("series missing")
+
+    before = value()
+    metrics.CONNECTIONS.labels(outcome="over_limit").inc()
+    assert value() == before + 1
+
+
+def test_declare_destinations_creates_zero_series(serve):
+    base = serve()
+    metrics.declare_destinations(["backup.example:25"])
+    text = fetch(base + "/metrics")[2].decode()
+    assert 'smtpdup_backup_deliveries_total{destination="backup.example:25",outcome="dead"} 0.0' in text
+    assert 'smtpdup_backup_refused_recipients_total{destination="backup.example:25"} 0.0' in text
+
+
+def test_readyz_follows_callable(serve):
+    state = {"ready": True}
+    base = serve(ready=lambda: state["ready"])
+    assert fetch(base + "/readyz")[::2] == (200, b"ready")
+    state["ready"] = False
+    assert fetch(base + "/readyz")[::2] == (503, b"draining")
+    state["ready"] = True
+    assert fetch(base + "/readyz")[0] == 200
+
+
+def test_healthz(serve):
+    healthy = {"ok": True}
+    base = serve(healthy=lambda: healthy["ok"])
+    assert fetch(base + "/healthz")[::2] == (200, b"ok")
+    healthy["ok"] = False
+    assert fetch(base + "/healthz")[0] == 503
+
+
+def test_raising_probe_answers_503(serve):
+    def broken():
+        raise RuntimeError("probe bug")
+
+    base = serve(ready=broken)
+    assert fetch(base + "/readyz")[0] == 503
+
+
+def test_unknown_path_is_404_and_post_is_405(serve):
+    base = serve()
+    assert fetch(base + "/")[0] == 404
+    assert fetch(base + "/metrics/extra")[0] == 404
+    assert fetch(base + "/metrics", method="POST")[0] == 405
+
+
+def test_head_has_no_body(serve):
+    base = serve()
+    status, _, body = fetch(base + "/healthz", method="HEAD")
+    assert status == 200 and body == b""
