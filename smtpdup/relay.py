@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +42,16 @@ log = logs.get("relay")
 
 # A HELO name goes into the Received header; keep it printable and short.
 MAX_HELO_IN_HEADER = 255
+
+# Crash tests kill the process at a named point of a transaction (see
+# tests/test_durability.py); unset in production, where this is one dict
+# lookup per message.
+CRASH_POINT = os.environ.get("SMTPDUP_TEST_CRASH_AT", "")
+
+
+def _crash_point(name: str) -> None:
+    if CRASH_POINT == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class GroupCommit:
@@ -346,6 +358,7 @@ class RelaySession:
             except OSError as exc:
                 self._spool_failed(txn, exc)
                 return LOCAL_ERROR
+        _crash_point("before_final_dot")
         started = time.monotonic()
         try:
             reply = primary.end_data(txn.tail == b"\r\n")
@@ -357,6 +370,7 @@ class RelaySession:
         if reply.code // 100 != 2 or spool_file is None:
             self._discard(txn)
             return reply
+        _crash_point("after_primary_reply")
         try:
             spool_file.commit()
             self.relay.commit_durable()
@@ -366,6 +380,7 @@ class RelaySession:
             log.error("spool_commit_failed", extra={"queue_id": txn.queue_id, "error": str(exc)})
             self._discard(txn)
             return LOCAL_ERROR
+        _crash_point("after_commit")
         self.relay.submit(txn.queue_id)
         return reply
 
