@@ -3,6 +3,8 @@ upstream servers (aiosmtpd processes) on 127.0.0.1."""
 
 import smtplib
 import socket
+import ssl
+import subprocess
 
 import pytest
 from conftest import MESSAGE, client, wait_until
@@ -283,3 +285,57 @@ def test_connection_limit_gives_421(upstreams, relay):
         with socket.create_connection(service.address) as sock:
             assert read_replies(sock, 1)[0][:9] == b"421 4.7.0"
         assert first.noop()[0] == 250
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return str(cert), str(key)
+
+
+def test_starttls_inbound(upstreams, relay, certificate):
+    primary = upstreams("primary")
+    cert, key = certificate
+    service = relay(primary.address, smtp_tls_cert_file=cert, smtp_tls_key_file=key, smtp_require_tls="true")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with client(service) as smtp:
+        smtp.ehlo()
+        assert smtp.has_extn("starttls")
+        assert smtp.mail("a@example.com")[:2] == (530, b"5.7.0 Must issue a STARTTLS command first")
+        smtp.starttls(context=context)
+        smtp.ehlo()
+        assert not smtp.has_extn("starttls")
+        assert smtp.sendmail("a@example.com", ["b@example.com"], MESSAGE) == {}
+    [stored] = primary.wait_for(1)
+    assert b"with ESMTPS id" in stored.content
+    assert stored.body_without_trace == MESSAGE
+
+
+def test_commands_pipelined_after_starttls_are_discarded(upstreams, relay, certificate):
+    primary = upstreams("primary")
+    cert, key = certificate
+    service = relay(primary.address, smtp_tls_cert_file=cert, smtp_tls_key_file=key)
+    with socket.create_connection(service.address) as sock:
+        read_replies(sock, 1)
+        sock.sendall(b"EHLO c\r\n")
+        read_replies(sock, 1)
+        sock.sendall(b"STARTTLS\r\nMAIL FROM:<injected@example.com>\r\n")
+        assert read_replies(sock, 1)[0][:3] == b"220"
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        tls = context.wrap_socket(sock, server_hostname="localhost")
+        tls.sendall(b"EHLO c\r\n")
+        assert read_replies(tls, 1)[0][:3] == b"250"
+        tls.sendall(b"RCPT TO:<b@example.com>\r\n")
+        # The injected MAIL never ran: there is no transaction to add to.
+        assert read_replies(tls, 1)[0][:3] == b"503"
+        tls.sendall(b"QUIT\r\n")
+        read_replies(tls, 1)
