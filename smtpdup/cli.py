@@ -13,8 +13,10 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import errno  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -41,6 +43,11 @@ variable SMTP_DUP_<SECTION>_<KEY>, e.g. SMTP_DUP_RELAY_DESTINATION_PRIMARY.
 See config.example.yaml and README.md."""
 
 
+# The same note for subcommands that read the configuration, one paragraph
+# that argparse wraps.
+CONFIG_EPILOG = " ".join(EPILOG.split())
+
+
 class UsageError(Exception):
     """A mistake in the command line, reported as one line."""
 
@@ -58,13 +65,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"smtpdup {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    sub.add_parser("run", parents=[common], help="run the relay (the default)",
+    sub.add_parser("run", parents=[common], epilog=CONFIG_EPILOG,
+                   help="run the relay (the default)",
                    description="Run the relay until SIGTERM (drain) or SIGINT; SIGHUP reloads the configuration.")
-    sub.add_parser("check", parents=[common], help="validate the configuration and print it",
+    sub.add_parser("check", parents=[common], epilog=CONFIG_EPILOG,
+                   help="validate the configuration and print it",
                    description="Validate the configuration and print every key with its value and source "
                                "(passwords masked). Exit status 0 when valid, 2 when not.")
 
-    queue = sub.add_parser("queue", parents=[common], help="inspect or change the backup spool",
+    queue = sub.add_parser("queue", parents=[common], epilog=CONFIG_EPILOG,
+                           help="inspect or change the backup spool",
                            description="Inspect the backup spool, dead letters included. Safe while the relay runs.")
     queue_sub = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
     listing = queue_sub.add_parser("list", parents=[common], help="list pending and dead copies",
@@ -78,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
                                               "or every copy of a message (QUEUEID), pending or dead.")
     delete.add_argument("id", metavar="ID")
 
-    report = sub.add_parser("report", parents=[common], help="migration readiness per backup",
+    report = sub.add_parser("report", parents=[common], epilog=CONFIG_EPILOG,
+                            help="migration readiness per backup",
                             description="Per backup: copies delivered, pending and dead-lettered, and the "
                                         "recipients and domains a backup refused although the primary "
                                         "accepted them.")
@@ -86,19 +97,30 @@ def _parser() -> argparse.ArgumentParser:
                         help="period to report on: a number with m, h or d (default: 24h)")
     report.add_argument("--json", action="store_true", help="print one JSON object")
 
-    sink = sub.add_parser("sink", help="a capturing SMTP server storing each message as a file",
-                          description="Accept every message and store it, with its envelope, as a file "
-                                      "under MAILDIR/new/ (for dry runs, demos and tests).")
-    sink.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on")
-    sink.add_argument("--maildir", required=True, metavar="DIR", help="directory to store messages in")
+    sink = sub.add_parser(
+        "sink", help="a capturing SMTP server storing each message as a file",
+        description="Accept every message (from loopback and private networks) and store it as a file "
+                    "under MAILDIR/new/: two lines X-Envelope-From and X-Envelope-To, then the content "
+                    "as the client meant it (dot-stuffing undone). For dry runs, demos and tests. "
+                    "Reads no configuration file or SMTP_DUP_* variable; stop it with SIGTERM or Ctrl-C.",
+    )
+    sink.add_argument("--listen", required=True, metavar="HOST:PORT",
+                      help="address to listen on, e.g. 127.0.0.1:2526 or [::1]:2526 (port 0: any free port)")
+    sink.add_argument("--maildir", required=True, metavar="DIR",
+                      help="directory to store messages in (DIR/tmp, DIR/new, DIR/cur are created)")
     sink.add_argument("--domain", default="sink.localhost", help="name in the greeting (default: %(default)s)")
 
-    demo = sub.add_parser("demo", help="the relay with a local primary and backup sink",
-                          description="Run the relay on 127.0.0.1:2525 with a primary sink and a backup "
-                                      "sink storing under DIR/primary and DIR/backup.")
+    demo = sub.add_parser(
+        "demo", help="the relay with a local primary and backup sink",
+        description="Run the relay (on 127.0.0.1:2525 unless --listen says otherwise) with a primary sink "
+                    "and a backup sink on free loopback ports, storing each message under DIR/primary/new/ "
+                    "and DIR/backup/new/ (the spool is DIR/spool). Reads no configuration file or "
+                    "SMTP_DUP_* variable; no metrics endpoint. Prints how to send a test message "
+                    "(with swaks or Python); stop it with Ctrl-C or SIGTERM.",
+    )
     demo.add_argument("--dir", default="demo-mail", help="where the sinks store mail (default: %(default)s)")
     demo.add_argument("--listen", default="127.0.0.1:2525", metavar="HOST:PORT",
-                      help="relay address (default: %(default)s)")
+                      help="address of the relay (default: %(default)s)")
     return parser
 
 
@@ -123,10 +145,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         _setup_logs(config)
         from .server import run_relay
 
-        return run_relay(config)
+        try:
+            return run_relay(config)
+        except OSError as exc:
+            raise _cannot_listen(exc, config) from None
     if command == "check":
         config = config_module.load(path)
-        source = config.path or "no file (defaults and environment)"
+        source = f"file {config.path}" if config.path else "no file, defaults and environment only"
         print(f"# smtpdup {__version__}: configuration is valid ({source})")
         for line in config_module.describe(config):
             print(line)
@@ -202,35 +227,64 @@ def _report(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+# What binding a listening socket fails with for a reason the operator can fix.
+_LISTEN_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+
+
+def _cannot_listen(exc: OSError, config: Config | None = None, what: str = "cannot listen") -> UsageError:
+    """One line for a listening socket that could not be opened (address in
+    use or not local, privileged port, unknown host name). gevent appends the
+    address to the message; with ``config``, the key it came from is named.
+    Re-raises ``exc`` when it is no such failure (a bug: a traceback helps)."""
+    if not (isinstance(exc, socket.gaierror) or exc.errno in _LISTEN_ERRNOS):
+        raise exc
+    reason = (exc.strerror or str(exc)).split(": (")[0]
+    if config is not None:
+        for key, address in (("smtp.listen", config.smtp.listen), ("metrics.listen", config.metrics.listen)):
+            if address is not None and f", {address.port})" in str(exc):
+                return UsageError(f"{key} ({config.sources[key]}): cannot listen on {address}: {reason}")
+    return UsageError(f"{what}: {reason}")
+
+
+def _sink_config(listen: HostPort, domain: str) -> Config:
+    """Built-in defaults only (never ./config.yaml nor SMTP_DUP_*: a sink is
+    a fixed test peer), listening on ``listen`` with ``domain``."""
+    import dataclasses
+
+    base = config_module.load(os.devnull, {}, require_primary=False)
+    return dataclasses.replace(base, smtp=dataclasses.replace(base.smtp, listen=listen, domain=domain))
+
+
 def _serve_sink(listen: HostPort, maildir_path: str, domain: str):
-    """Start a sink server; returns it (already listening)."""
-    from .config import SmtpConfig
+    """Start a sink server; returns it, already listening. Raises UsageError
+    when the maildir cannot be created or the address cannot be bound."""
     from .server import SmtpServer
     from .sink import Maildir, SinkSession
 
-    maildir = Maildir(maildir_path)
-    base = config_module.load(None, {"SMTP_DUP_RELAY_DESTINATION_PRIMARY": "127.0.0.1:25",
-                                     "SMTP_DUP_CONFIG": os.devnull}, require_primary=False)
-    smtp: SmtpConfig = base.smtp
-    import dataclasses
-
-    config = dataclasses.replace(base, smtp=dataclasses.replace(
-        smtp, listen=listen, domain=domain, allowed_networks=smtp.allowed_networks,
-    ))
-    server = SmtpServer(config, lambda client_ip: SinkSession(maildir, client_ip))
-    server.start()
+    try:
+        maildir = Maildir(maildir_path)
+    except OSError as exc:
+        raise UsageError(f"cannot create maildir {maildir_path}: {exc.strerror or exc}") from None
+    server = SmtpServer(_sink_config(listen, domain), lambda client_ip: SinkSession(maildir, client_ip))
+    try:
+        server.start()
+    except OSError as exc:
+        raise _cannot_listen(exc, what=f"sink: cannot listen on {listen}") from None
     return server
+
+
+# How long a stopping sink lets a message in flight finish.
+SINK_GRACE_SECONDS = 2.0
 
 
 def _sink(listen: HostPort, maildir: str, domain: str) -> int:
     logs.setup("info", "text")
-    try:
-        server = _serve_sink(listen, maildir, domain)
-    except OSError as exc:
-        raise UsageError(f"sink: cannot listen on {listen}: {exc.strerror or exc}") from None
-    print(f"smtpdup sink: listening on {server.address[0]}:{server.address[1]}, storing under "
-          f"{os.path.join(maildir, 'new')}", file=sys.stderr, flush=True)
+    server = _serve_sink(listen, maildir, domain)
+    address = HostPort(*server.address)
+    print(f"smtpdup sink: listening on {address}, storing under {os.path.join(maildir, 'new')}",
+          file=sys.stderr, flush=True)
     _wait_for_signal()
+    server.drain(SINK_GRACE_SECONDS)
     return EXIT_OK
 
 
@@ -249,39 +303,36 @@ def _wait_for_signal() -> None:
 def _demo(directory: str, listen: HostPort) -> int:
     from .server import run_relay
 
-    os.makedirs(directory, exist_ok=True)
-    try:
-        primary = _serve_sink(HostPort("127.0.0.1", 0), os.path.join(directory, "primary"), "primary.demo")
-        backup = _serve_sink(HostPort("127.0.0.1", 0), os.path.join(directory, "backup"), "backup.demo")
-    except OSError as exc:
-        raise UsageError(f"demo: cannot start the sinks: {exc}") from None
+    where = os.path.abspath(directory)
+    primary = _serve_sink(HostPort("127.0.0.1", 0), os.path.join(where, "primary"), "primary.demo")
+    backup = _serve_sink(HostPort("127.0.0.1", 0), os.path.join(where, "backup"), "backup.demo")
+    # The demo's whole configuration; the user's environment and files play no part.
     environ = {
-        "SMTP_DUP_CONFIG": os.devnull,
         "SMTP_DUP_SMTP_LISTEN": str(listen),
+        "SMTP_DUP_SMTP_SHUTDOWN_GRACE_SECONDS": "5",
         "SMTP_DUP_RELAY_DESTINATION_PRIMARY": f"127.0.0.1:{primary.address[1]}",
         "SMTP_DUP_RELAY_DESTINATION_BACKUPS": f"127.0.0.1:{backup.address[1]}",
-        "SMTP_DUP_RELAY_SPOOL_DIR": os.path.join(directory, "spool"),
+        "SMTP_DUP_RELAY_SPOOL_DIR": os.path.join(where, "spool"),
         "SMTP_DUP_RELAY_RETRY_INITIAL_SECONDS": "5",
         "SMTP_DUP_METRICS_LISTEN": "",
         "SMTP_DUP_LOG_FORMAT": "text",
     }
-    config = config_module.load(None, environ)
+    config = config_module.load(os.devnull, environ)
     _setup_logs(config)
-    where = os.path.abspath(directory)
 
     def ready(server) -> None:
-        host, port = server.address
+        relay = HostPort(*server.address)
         print(
             f"""
-smtpdup demo is running: relay on {host}:{port}
+smtpdup demo is running: relay on {relay}
   primary sink  127.0.0.1:{primary.address[1]} -> {where}/primary/new/
   backup sink   127.0.0.1:{backup.address[1]} -> {where}/backup/new/
   spool         {where}/spool/
 
 Send a test message:
-  swaks --server {host}:{port} --from alice@example.com --to bob@example.com
+  swaks --server {relay} --from alice@example.com --to bob@example.com
 or with Python:
-  python3 -c "import smtplib; smtplib.SMTP('{host}', {port}).sendmail('alice@example.com', ['bob@example.com'], 'Subject: hi\\r\\n\\r\\nhello\\r\\n')"
+  python3 -c "import smtplib; smtplib.SMTP('{relay.host}', {relay.port}).sendmail('alice@example.com', ['bob@example.com'], 'Subject: hi\\r\\n\\r\\nhello\\r\\n')"
 
 Then look at the copies:  ls {where}/primary/new/ {where}/backup/new/
 Stop with Ctrl-C.
@@ -292,4 +343,4 @@ Stop with Ctrl-C.
     try:
         return run_relay(config, ready=ready)
     except OSError as exc:
-        raise UsageError(f"demo: cannot listen on {listen}: {exc.strerror or exc}") from None
+        raise _cannot_listen(exc, what=f"demo: cannot listen on {listen}") from None

@@ -28,6 +28,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import gevent
 from gevent.event import AsyncResult
@@ -39,6 +40,8 @@ from .spool import Envelope, Spool, SpoolFile, Target, new_queue_id
 from .upstream import Upstream, UpstreamError
 
 log = logs.get("relay")
+
+T = TypeVar("T")
 
 # A HELO name goes into the Received header; keep it printable and short.
 MAX_HELO_IN_HEADER = 255
@@ -54,39 +57,65 @@ def _crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class GroupCommit:
-    """Runs ``sync`` in the threadpool on behalf of every caller that
-    arrived before it started; callers that arrive while one runs share
-    the next. One directory fsync thus covers a burst of commits."""
+def blocking(function: Callable[..., T], *args: object) -> T:
+    """Run a blocking file-system call in gevent's threadpool.
 
-    def __init__(self, sync: Callable[[], None]) -> None:
-        self._sync = sync
-        self._waiters: list[AsyncResult] = []
+    Not only fsync blocks: while the journal commits another fsync, even an
+    open(O_CREAT) or a rename can take milliseconds, and on the event loop
+    that would stall every session.
+    """
+    return gevent.get_hub().threadpool.apply(function, args)
+
+
+class GroupCommit:
+    """Commits spool files in batches: the renames of every file handed in
+    while the previous batch was on disk, then one directory fsync that
+    makes them all durable, in one trip to the threadpool."""
+
+    def __init__(self, sync_directory: Callable[[], None]) -> None:
+        self._sync_directory = sync_directory
+        self._waiting: list[tuple[SpoolFile, AsyncResult]] = []
         self._running = False
 
-    def __call__(self) -> None:
-        """Block this greenlet until a sync that began after the call has
-        finished; re-raise its error."""
+    def __call__(self, spool_file: SpoolFile) -> None:
+        """Block this greenlet until ``spool_file`` is committed and durable;
+        re-raise the error if it could not be."""
         waiter = AsyncResult()
-        self._waiters.append(waiter)
+        self._waiting.append((spool_file, waiter))
         if not self._running:
             self._running = True
             gevent.spawn(self._run)
         waiter.get()
 
+    def _commit(self, batch: list[tuple[SpoolFile, AsyncResult]]) -> list[OSError | None]:
+        """In a worker thread: rename each file, then fsync the directory."""
+        errors: list[OSError | None] = []
+        for spool_file, _ in batch:
+            try:
+                spool_file.commit()
+                errors.append(None)
+            except OSError as exc:
+                errors.append(exc)
+        if any(error is None for error in errors):
+            try:
+                self._sync_directory()
+            except OSError as exc:
+                errors = [error or exc for error in errors]
+        return errors
+
     def _run(self) -> None:
-        threadpool = gevent.get_hub().threadpool
         try:
-            while self._waiters:
-                batch, self._waiters = self._waiters, []
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
                 try:
-                    threadpool.apply(self._sync)
+                    errors = blocking(self._commit, batch)
                 except OSError as exc:
-                    for waiter in batch:
-                        waiter.set_exception(exc)
-                else:
-                    for waiter in batch:
+                    errors = [exc] * len(batch)
+                for (_, waiter), error in zip(batch, errors):
+                    if error is None:
                         waiter.set(None)
+                    else:
+                        waiter.set_exception(error)
         finally:
             self._running = False
 
@@ -285,7 +314,7 @@ class RelaySession:
                 received_at=time.time(),
             )
             try:
-                txn.spool_file = self.relay.spool.create(envelope, targets)
+                txn.spool_file = blocking(self.relay.spool.create, envelope, targets)
             except OSError as exc:
                 self._txn = None
                 self._spool_failed(txn, exc)
@@ -354,7 +383,7 @@ class RelaySession:
         spool_file = txn.spool_file
         if spool_file is not None:
             try:
-                gevent.get_hub().threadpool.apply(spool_file.sync)
+                blocking(spool_file.sync)
             except OSError as exc:
                 self._spool_failed(txn, exc)
                 return LOCAL_ERROR
@@ -372,8 +401,7 @@ class RelaySession:
             return reply
         _crash_point("after_primary_reply")
         try:
-            spool_file.commit()
-            self.relay.commit_durable()
+            self.relay.commit_durable(spool_file)
         except OSError as exc:
             # The primary has it but its copy is not safe: the client must
             # retry (a duplicate at the primary beats a lost copy).

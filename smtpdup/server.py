@@ -38,6 +38,8 @@ log = logs.get("server")
 
 # How often a drain looks whether the last sessions have finished.
 DRAIN_POLL_SECONDS = 0.05
+# At most this long, at shutdown, for backup deliveries in flight.
+BACKUP_STOP_SECONDS = 5.0
 
 
 def server_tls_context(config: Config) -> ssl.SSLContext | None:
@@ -227,7 +229,9 @@ class RelayService:
         grace = self.config.smtp.shutdown_grace_seconds if grace_seconds is None else grace_seconds
         log.info("draining", extra={"sessions": len(self.server.sessions), "grace_seconds": grace})
         self.server.drain(grace)
-        self.scheduler.stop()
+        # Deliveries in flight get a moment to finish (else they are simply
+        # tried again after the restart: at-least-once).
+        self.scheduler.stop(timeout=min(grace, BACKUP_STOP_SECONDS))
         if self._http is not None:
             self._http.stop(timeout=1)
         log.info("stopped", extra={"pending_copies": self.scheduler.pending_count()})

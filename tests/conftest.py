@@ -83,25 +83,36 @@ class Upstream:
         self.port_file = self.directory / "port"
         self.smtputf8 = smtputf8
         self.proc: subprocess.Popen | None = None
-        self.port = 0
+        self._port = 0
         self.set_rules()
 
     def start(self) -> "Upstream":
+        """Start the process; ``port`` waits until it listens, so several
+        upstreams start in parallel."""
         if self.port_file.exists():
             self.port_file.unlink()
         args = [sys.executable, str(PEER), "--store", str(self.store), "--rules", str(self.rules_path),
                 "--port-file", str(self.port_file)]
         if not self.smtputf8:
             args.append("--no-smtputf8")
+        self._port = 0
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: self.port_file.exists() or self.proc.poll() is not None, START_TIMEOUT,
-                   what="upstream to listen")
-        assert self.proc.poll() is None, "upstream server exited"
-        self.port = int(self.port_file.read_text())
         return self
+
+    @property
+    def port(self) -> int:
+        if not self._port:
+            proc = self.proc
+            assert proc is not None, "upstream not started"
+            wait_until(lambda: self.port_file.exists() or proc.poll() is not None, START_TIMEOUT,
+                       what="upstream to listen")
+            assert proc.poll() is None, "upstream server exited"
+            self._port = int(self.port_file.read_text())
+        return self._port
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self.port  # a stopped upstream keeps its (now dead) address
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=START_TIMEOUT)
         self.proc = None

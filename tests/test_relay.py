@@ -339,3 +339,24 @@ def test_commands_pipelined_after_starttls_are_discarded(upstreams, relay, certi
         assert read_replies(tls, 1)[0][:3] == b"503"
         tls.sendall(b"QUIT\r\n")
         read_replies(tls, 1)
+
+
+def test_one_log_line_per_transaction_without_the_body(upstreams, relay, caplog):
+    primary, backup = upstreams("primary"), upstreams("backup")
+    service = relay(primary.address, [backup.address])
+    secret = b"Subject: s\r\n\r\nthe body is private 7f3a\r\n"
+    with caplog.at_level("DEBUG", logger="smtpdup"):
+        send(service, "alice@example.com", ["bob@example.com", "carol@example.com"], secret)
+        backup.wait_for(1)
+        wait_until(lambda: any(r.getMessage() == "backup_attempt" for r in caplog.records),
+                   what="the backup attempt's log line")
+    [line] = [r for r in caplog.records if r.getMessage() == "transaction"]
+    assert line.sender == "alice@example.com"
+    assert line.recipients == 2
+    assert line.size == len(secret) + len(b".\r\n") - len(b".\r\n")  # content as the client sent it
+    assert line.reply.startswith("250")
+    assert line.client == "127.0.0.1"
+    assert line.queue_id and line.duration_ms >= 0
+    [attempt] = [r for r in caplog.records if r.getMessage() == "backup_attempt"]
+    assert (attempt.queue_id, attempt.outcome, attempt.attempt) == (line.queue_id, "delivered", 1)
+    assert all(b"private 7f3a".decode() not in repr(r.__dict__) for r in caplog.records)

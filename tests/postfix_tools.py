@@ -1,0 +1,170 @@
+"""Postfix's load tools as test peers: ``smtp-sink`` servers and ``smtp-source`` runs.
+
+This module owns starting, watching and stopping these two programs on
+127.0.0.1, and reading what an ``smtp-sink`` dumped. It knows nothing about
+smtpdup; the tests and the benchmark put the relay between them. Every
+process it starts is stopped by its PID (SIGTERM, then SIGKILL after a
+bounded wait); every wait has a bound.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SMTP_SOURCE = Path("/usr/sbin/smtp-source")
+SMTP_SINK = Path("/usr/sbin/smtp-sink")
+
+# Upper bound on how long a process may take to listen or to stop.
+START_TIMEOUT_SECONDS = 10.0
+STOP_TIMEOUT_SECONDS = 5.0
+
+# smtp-sink's listen(2) backlog and simultaneous-connection cap (its -m,
+# default 256): above smtpdup's pool of backup deliveries plus a primary
+# connection per client session, so the sink never queues a relay connection.
+SINK_BACKLOG = 512
+SINK_MAX_CONNECTIONS = 1024
+
+# The trace header smtpdup prepends (relay.py ``_received_header``):
+# "\tby <domain> (smtpdup) with ESMTP id <queue id>;". smtp-sink adds its own
+# "(smtp-sink) ... id <random>" header, which this does not match.
+SMTPDUP_QUEUE_ID = re.compile(rb"^\tby \S+ \(smtpdup\) with \S+ id ([0-9a-f]+);$", re.MULTILINE)
+
+
+def available() -> bool:
+    """True when both Postfix test programs are installed."""
+    return SMTP_SOURCE.exists() and SMTP_SINK.exists()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    """True if something accepts TCP connections on 127.0.0.1:``port``."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_listening(proc: subprocess.Popen, port: int, timeout: float = START_TIMEOUT_SECONDS) -> None:
+    """Poll until ``proc`` listens on ``port``; RuntimeError if it exits or
+    ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while not listening(port):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with status {proc.returncode} before listening on {port}")
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"{proc.args[0]} not listening on {port} after {timeout}s")
+        time.sleep(0.02)
+
+
+def stop(proc: subprocess.Popen | None, timeout: float = STOP_TIMEOUT_SECONDS) -> int | None:
+    """SIGTERM ``proc`` by its PID, SIGKILL it after ``timeout``; returns its
+    exit status (None if there was no process)."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=timeout)
+    return proc.returncode
+
+
+@dataclass
+class Sink:
+    """A running ``smtp-sink``; with ``dump_dir``, one file per transaction."""
+
+    proc: subprocess.Popen
+    port: int
+    dump_dir: Path | None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def dumps(self) -> list[bytes]:
+        """The content of every dump file so far (complete or still being written)."""
+        if self.dump_dir is None or not self.dump_dir.exists():
+            return []
+        return [path.read_bytes() for path in sorted(self.dump_dir.iterdir()) if path.is_file()]
+
+    def stop(self) -> int | None:
+        return stop(self.proc)
+
+
+def start_sink(dump_dir: Path | None = None, port: int | None = None, extra_args: tuple[str, ...] = ()) -> Sink:
+    """Start ``smtp-sink`` on 127.0.0.1 and wait until it listens.
+
+    ``dump_dir``: each transaction goes to its own file there (``-d``, which
+    creates names with O_EXCL, so two transactions never share a file).
+    Returns the Sink; RuntimeError if it does not come up (it is stopped).
+    """
+    port = port or free_port()
+    args = [str(SMTP_SINK), "-m", str(SINK_MAX_CONNECTIONS)]
+    if os.geteuid() == 0:
+        # smtp-sink refuses to run as root without -u; staying root keeps
+        # the dump directory (under a 0700 pytest tmp dir) writable.
+        args += ["-u", pwd.getpwuid(os.geteuid()).pw_name]
+    if dump_dir is not None:
+        dump_dir.mkdir(parents=True, exist_ok=True)
+        args += ["-d", f"{dump_dir}/%H%M%S."]
+    args += [*extra_args, f"127.0.0.1:{port}", str(SINK_BACKLOG)]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_listening(proc, port)
+    except RuntimeError as exc:
+        stop(proc)
+        raise RuntimeError(f"{exc}: {proc.stderr.read().decode(errors='replace').strip()}") from None
+    return Sink(proc, port, dump_dir)
+
+
+@dataclass
+class SourceRun:
+    """The outcome of one ``smtp-source`` run."""
+
+    returncode: int
+    output: str
+    duration_seconds: float
+
+
+def run_source(port: int, messages: int, sessions: int = 1, reuse_connections: bool = False,
+               sender: str = "sender@example.com", recipient: str = "rcpt@example.com",
+               extra_args: tuple[str, ...] = (), timeout: float = 60.0) -> SourceRun:
+    """Run ``smtp-source`` against 127.0.0.1:``port`` to completion.
+
+    ``reuse_connections`` is ``-d``: the next message goes over the same
+    connection, as Postfix's connection cache does. Returns its exit status,
+    combined output and wall time; the process is killed after ``timeout``.
+    """
+    args = [str(SMTP_SOURCE), "-m", str(messages), "-s", str(sessions), "-f", sender, "-t", recipient]
+    if reuse_connections:
+        args.append("-d")
+    args += [*extra_args, f"127.0.0.1:{port}"]
+    started = time.monotonic()
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        output, _ = proc.communicate(timeout=STOP_TIMEOUT_SECONDS)
+        raise RuntimeError(f"smtp-source did not finish {messages} messages within {timeout}s: "
+                           f"{output.decode(errors='replace')[-2000:]}") from None
+    finally:
+        stop(proc)
+    return SourceRun(proc.returncode, output.decode(errors="replace"), time.monotonic() - started)
