@@ -367,7 +367,6 @@ class ServerProtocol:
         self._tls_active = True
         self._state = _State.START
         self._recipients = 0
-        self._buffer.clear()
 
     @property
     def closed(self) -> bool:

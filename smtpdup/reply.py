@@ -49,8 +49,12 @@ class Reply:
         ``b"250-a\\r\\n250 b\\r\\n"``. Every line ends with CRLF; a CR or LF
         inside `text` only ever separates lines, so no bare CR/LF goes out.
         Text that is not encodable (lone surrogates) is replaced by "?"."""
-        lines = _lines(self.text.rstrip("\r\n"))  # no empty last line
         prefix = f"{self.code:03d}"
+        text = self.text
+        if "\n" not in text and "\r" not in text:  # the common case, made cheap
+            body = f"{self.enhanced} {text}" if self.enhanced and text else self.enhanced or text
+            return (f"{prefix} {body}\r\n" if body else f"{prefix}\r\n").encode("utf-8", "replace")
+        lines = _lines(text.rstrip("\r\n"))  # no empty last line
         last = len(lines) - 1
         out = []
         for n, line in enumerate(lines):
