@@ -337,10 +337,7 @@ class Scheduler:
         reply_text = str(attempt.reply) if attempt.reply is not None else ""
         copy.last_reply = reply_text
         if attempt.delivered:
-            self.spool.journal({
-                "event": "delivered", "id": envelope.queue_id, "destination": dest,
-                "recipients": attempt.delivered,
-            })
+            self.spool.journal_delivered(message, copy, attempt.delivered)
             metrics.BACKUP_DELIVERIES.labels(dest, "delivered").inc()
         for recipient, reply in attempt.refused:
             log.warning("backup_refused_recipient", extra={
@@ -348,10 +345,7 @@ class Scheduler:
                 "recipient": recipient, "reply": str(reply),
             })
             metrics.BACKUP_REFUSED_RECIPIENTS.labels(dest).inc()
-            self.spool.journal({
-                "event": "refused", "id": envelope.queue_id, "destination": dest,
-                "recipient": recipient, "reply": str(reply),
-            })
+            self.spool.journal_refused(message, copy, recipient, str(reply))
         dead = [r for r, _ in attempt.refused] + attempt.dead
         reasons = [str(reply) for _, reply in attempt.refused]
         if attempt.dead:

@@ -1,0 +1,639 @@
+"""Backup copies survive: retries, dead letters, crashes, a full disk.
+
+Real peers on 127.0.0.1 throughout: aiosmtpd upstreams in their own
+processes (``conftest.Upstream``), smtplib as the client, the relay either
+in this process (``relay`` fixture) or as ``python -m smtpdup`` in a
+subprocess where a test kills it (``kill -9`` or a named crash point, see
+``SMTPDUP_TEST_CRASH_AT`` in ``smtpdup/relay.py``). ``smtpdup queue`` and
+``smtpdup report`` run as subprocesses, as an operator would run them next
+to a live relay. Every wait is a bounded poll; every process started here
+is stopped by its PID at teardown.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import re
+import resource
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gevent
+import pytest
+from conftest import ROOT, START_TIMEOUT, free_port, relay_environ, wait_until
+
+from smtpdup import config as config_module
+from smtpdup import logs
+from smtpdup.relay import sampled
+from smtpdup.report import queue_entries
+
+# Bound on a CLI run (`smtpdup queue ...`, `smtpdup report`).
+CLI_TIMEOUT = 30.0
+# `queue flush` is noticed within delivery.POLL_SECONDS (1 s); give it slack.
+FLUSH_TIMEOUT = 8.0
+# Retry settings under which only an operator (or nothing) can explain a delivery.
+NEVER = {"relay_retry_initial_seconds": 3600, "relay_retry_max_interval_seconds": 3600}
+DOWN = "451 4.3.2 down for maintenance"
+
+
+# -- helpers ----------------------------------------------------------------
+
+
+def content(subject: str) -> bytes:
+    return f"From: alice@example.com\r\nSubject: {subject}\r\n\r\nbody of {subject}\r\n".encode()
+
+
+def send(address, recipients, subject: str, sender: str = "alice@example.com") -> dict:
+    """One message over a fresh session; returns smtplib's refused-recipients dict."""
+    with smtplib.SMTP(*address, timeout=10) as smtp:
+        return smtp.sendmail(sender, recipients, content(subject))
+
+
+def subjects(upstream) -> list[str]:
+    """Subjects of what ``upstream`` stored, sorted."""
+    found = []
+    for stored in upstream.messages():
+        match = re.search(rb"^Subject: (.*?)\r$", stored.content, re.M)
+        found.append(match.group(1).decode() if match else "?")
+    return sorted(found)
+
+
+def queue_id_of(stored) -> str:
+    """The queue id from smtpdup's Received header."""
+    match = re.search(rb"\(smtpdup\) with \w+ id ([0-9a-f]{20});", stored.content)
+    assert match, stored.content[:300]
+    return match.group(1).decode()
+
+
+def clean_environ() -> dict[str, str]:
+    """This process's environment less anything that configures smtpdup."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_DUP_", "SMTPDUP_"))}
+
+
+def cli(environ: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "smtpdup", *args], env={**clean_environ(), **environ}, cwd=ROOT,
+        capture_output=True, text=True, timeout=CLI_TIMEOUT,
+    )
+
+
+def queue_list(environ: dict[str, str]) -> list[dict]:
+    result = cli(environ, "queue", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def spool_path(environ: dict[str, str]) -> Path:
+    return Path(environ["SMTP_DUP_RELAY_SPOOL_DIR"])
+
+
+def spool_idle(environ: dict[str, str]) -> bool:
+    """No message left in msg/ (every copy delivered or dead) and nothing in tmp/."""
+    spool = spool_path(environ)
+    return not os.listdir(spool / "msg") and not os.listdir(spool / "tmp")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+class RelayProcess:
+    """``python -m smtpdup`` in a subprocess with a configuration from the
+    environment; its JSON log (stderr) goes to a file per start."""
+
+    def __init__(self, directory: Path, environ: dict[str, str], started: list[subprocess.Popen]) -> None:
+        self.directory = directory
+        self.environ = environ
+        self._started = started  # the fixture kills these by PID
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.runs = 0
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / f"relay-{self.runs}.log"
+
+    def log_events(self) -> list[dict]:
+        events = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                pass
+        return events
+
+    def start(self, crash_at: str = "", preexec_fn=None) -> RelayProcess:
+        """Start and wait for the relay's "started" log line. A port taken
+        between ``free_port`` and the relay's bind is retried with another."""
+        for _ in range(5):
+            self.runs += 1
+            self.port = free_port()
+            env = {**clean_environ(), **self.environ, "SMTP_DUP_SMTP_LISTEN": f"127.0.0.1:{self.port}"}
+            if crash_at:
+                env["SMTPDUP_TEST_CRASH_AT"] = crash_at
+            with open(self.log_path, "wb") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "smtpdup"], env=env, cwd=ROOT,
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=preexec_fn,
+                )
+            self._started.append(self.proc)
+            proc = self.proc
+            wait_until(
+                lambda: proc.poll() is not None or any(e.get("event") == "started" for e in self.log_events()),
+                START_TIMEOUT, what="the relay to start",
+            )
+            if proc.poll() is None:
+                return self
+            text = self.log_path.read_text(errors="replace")
+            if "in use" not in text:
+                raise AssertionError(f"relay exited with {proc.returncode}: {text[-2000:]}")
+        raise AssertionError("no free port for the relay after 5 tries")
+
+    def kill(self) -> None:
+        """kill -9, as a crash would."""
+        assert self.proc is not None and self.proc.poll() is None, "relay is not running"
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=START_TIMEOUT)
+
+    def wait_exit(self) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=START_TIMEOUT)
+
+
+@pytest.fixture
+def relay_process(tmp_path):
+    """Factory: ``relay_process(environ)`` -> a not yet started RelayProcess;
+    every process it starts is killed (by PID) at teardown."""
+    started: list[subprocess.Popen] = []
+
+    def make(environ: dict[str, str]) -> RelayProcess:
+        return RelayProcess(tmp_path, environ, started)
+
+    yield make
+    for proc in started:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=START_TIMEOUT)
+
+
+@pytest.fixture
+def late_listener(tmp_path):
+    """A port that refuses connections (bound, not listening: the kernel
+    answers RST) until ``open()`` makes a sink listen on that very socket.
+    No window in which another process could take the port."""
+    from smtpdup.server import SmtpServer
+    from smtpdup.sink import Maildir, SinkSession
+
+    class LateListener:
+        def __init__(self) -> None:
+            self.sock = socket.socket()
+            self.sock.bind(("127.0.0.1", 0))
+            self.port = self.sock.getsockname()[1]
+            self.maildir = tmp_path / "late-sink"
+            self.server = None
+
+        def open(self) -> None:
+            maildir = Maildir(str(self.maildir))
+            config = config_module.load(None, relay_environ(tmp_path, "127.0.0.1:25"))
+            self.sock.listen(16)
+            self.server = SmtpServer(config, lambda ip: SinkSession(maildir, ip), listener=self.sock)
+            self.server.start()
+
+        def stored(self) -> list[bytes]:
+            new = self.maildir / "new"
+            return [p.read_bytes() for p in sorted(new.iterdir())] if new.exists() else []
+
+    listener = LateListener()
+    yield listener
+    if listener.server is not None:
+        listener.server.drain(0)
+    listener.sock.close()
+
+
+# -- 1. a backup that is down comes back ------------------------------------
+
+
+def test_copy_arrives_after_backup_answers_451_then_recovers(upstreams, relay, tmp_path):
+    primary, backup = upstreams("primary"), upstreams("backup")
+    backup.set_rules(mail=DOWN)
+    service = relay(primary.address, [backup.address])
+    environ = relay_environ(tmp_path, primary.address, [backup.address])
+    assert send(service.address, ["bob@example.com"], "m1") == {}
+    # Deferred, not lost: pending with the backup's reply.
+    [entry] = wait_until(
+        lambda: [e for e in queue_entries(service.spool) if e["attempts"] >= 1], what="a failed attempt"
+    )
+    assert entry["state"] == "pending"
+    assert (entry["destination"], entry["recipients"]) == (backup.address, ["bob@example.com"])
+    assert entry["last_reply"] == DOWN
+    backup.set_rules()
+    [stored] = backup.wait_for(1)
+    assert stored.rcpt_tos == ["bob@example.com"]
+    assert stored.content == primary.messages()[0].content
+    wait_until(lambda: spool_idle(environ), what="the spool to empty")
+    assert backup.count() == 1
+
+
+def test_copy_arrives_after_connection_refused_then_listener_appears(upstreams, relay, late_listener):
+    primary = upstreams("primary")
+    backup_address = f"127.0.0.1:{late_listener.port}"
+    service = relay(primary.address, [backup_address])
+    assert send(service.address, ["bob@example.com"], "refused-first") == {}
+    [entry] = wait_until(
+        lambda: [e for e in queue_entries(service.spool) if e["attempts"] >= 2], what="two refused attempts"
+    )
+    assert entry["state"] == "pending"
+    assert entry["last_reply"].startswith("451 4.4.1") and "refused" in entry["last_reply"].lower()
+    late_listener.open()
+    [stored] = wait_until(late_listener.stored, what="the copy at the late listener")
+    assert b"X-Envelope-To: <bob@example.com>" in stored
+    assert b"Subject: refused-first" in stored
+    wait_until(lambda: not queue_entries(service.spool), what="the spool to empty")
+
+
+# -- 2. 451 twice at the final dot, then 250 ----------------------------------
+
+
+def test_451_twice_at_final_dot_then_delivered_exactly_once(upstreams, relay, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="smtpdup.delivery")
+    primary, backup = upstreams("primary"), upstreams("backup")
+    backup.set_rules(data=["451 4.3.0 try later (1)", "451 4.3.0 try later (2)"])
+    keys = {"relay_retry_initial_seconds": 0.5, "relay_retry_max_interval_seconds": 0.5}
+    service = relay(primary.address, [backup.address], **keys)
+    environ = relay_environ(tmp_path, primary.address, [backup.address], **keys)
+    assert send(service.address, ["bob@example.com"], "thrice") == {}
+    # Watch the spool state while the copy is retried.
+    seen: set[tuple[int, str]] = set()
+
+    def delivered() -> bool:
+        for entry in queue_entries(service.spool):
+            seen.add((entry["attempts"], entry["last_reply"]))
+        return backup.count() >= 1 and spool_idle(environ)
+
+    wait_until(delivered, what="the copy delivered on the third attempt")
+    assert {(1, "451 4.3.0 try later (1)"), (2, "451 4.3.0 try later (2)")} <= seen
+    assert backup.count() == 1
+    qid = queue_id_of(backup.messages()[0])
+    lines = [
+        json.loads(logs._JsonLineFormatter().format(r))
+        for r in caplog.records
+        if r.name == "smtpdup.delivery" and r.getMessage() == "backup_attempt"
+    ]
+    assert [(x["queue_id"], x["attempt"], x["outcome"], x["reply"]) for x in lines] == [
+        (qid, 1, "deferred", "451 4.3.0 try later (1)"),
+        (qid, 2, "deferred", "451 4.3.0 try later (2)"),
+        (qid, 3, "delivered", "250 2.0.0 OK stored"),
+    ]
+    # The journal names the copy, as spool.py documents ("<qid>.<index>").
+    journal = [e for e in service.spool.journal_since(0) if e.get("event") == "delivered"]
+    assert [(e["id"], e["destination"], e["recipients"]) for e in journal] == [
+        (f"{qid}.0", backup.address, ["bob@example.com"])
+    ]
+
+
+# -- 3. 550 from a backup: dead letter, client unaffected ---------------------
+
+
+@pytest.mark.parametrize(
+    "rules, reason",
+    [
+        ({"rcpt": {"bob@example.com": "550 5.1.1 no such user"}}, "550 5.1.1 no such user"),
+        ({"data": ["550 5.7.1 content rejected"]}, "550 5.7.1 content rejected"),
+    ],
+    ids=["rcpt", "final-dot"],
+)
+def test_backup_550_dead_letters_the_copy(upstreams, relay, tmp_path, rules, reason):
+    primary, backup = upstreams("primary"), upstreams("backup")
+    backup.set_rules(**rules)
+    service = relay(primary.address, [backup.address])
+    environ = relay_environ(tmp_path, primary.address, [backup.address])
+    assert send(service.address, ["bob@example.com"], "refused") == {}  # the client got 250
+    primary.wait_for(1)
+    # `queue list --json` in another process while the relay runs.
+    [dead] = wait_until(
+        lambda: [e for e in queue_list(environ) if e["state"] == "dead"], what="a dead letter in `queue list`"
+    )
+    qid = queue_id_of(primary.messages()[0])
+    assert dead["id"] == f"{qid}.0"
+    assert dead["queue_id"] == qid
+    assert dead["destination"] == backup.address
+    assert dead["sender"] == "alice@example.com"
+    assert dead["recipients"] == ["bob@example.com"]
+    assert dead["attempts"] == 1
+    assert reason in dead["last_reply"]
+    # Dead is final: nothing pending, never retried.
+    assert [(e["id"], e["state"]) for e in queue_list(environ)] == [(dead["id"], "dead")]
+    # The content stays with the dead letter.
+    assert b"Subject: refused" in (spool_path(environ) / "dead" / dead["id"]).read_bytes()
+    assert backup.count() == 0
+
+
+# -- 4. kill -9 ---------------------------------------------------------------
+
+
+def test_kill_9_loses_no_accepted_copy(upstreams, relay_process, tmp_path):
+    primary, backup = upstreams("primary"), upstreams("backup")
+    backup.set_rules(mail=DOWN)
+    environ = relay_environ(tmp_path, primary.address, [backup.address], log_level="info")
+    relay = relay_process(environ).start()
+    for n in range(5):
+        assert send(relay.address, ["bob@example.com", "carol@example.org"], f"m{n}") == {}
+    # Committed before each 250: all five are on disk now (`queue list` next to the live relay).
+    assert [e["state"] for e in queue_list(environ)] == ["pending"] * 5
+    relay.kill()
+    backup.set_rules()
+    relay.start()
+    backup.wait_for(5)
+    wait_until(lambda: spool_idle(environ), what="the spool to empty")
+    assert subjects(backup) == [f"m{n}" for n in range(5)]
+    assert all(s.rcpt_tos == ["bob@example.com", "carol@example.org"] for s in backup.messages())
+    assert sorted(s.content for s in backup.messages()) == sorted(s.content for s in primary.messages())
+    started = [e for e in relay.log_events() if e.get("event") == "started"]
+    assert started and started[0]["pending_copies"] == 5
+
+
+@pytest.mark.parametrize("crash_at", ["before_final_dot", "after_primary_reply", "after_commit"])
+def test_crash_points_keep_the_invariants(upstreams, relay_process, tmp_path, crash_at):
+    """Message "accepted" got its 250 before any crash; message "cut" is in
+    flight when the relay kills itself at ``crash_at``. After a restart:
+    every message the client saw accepted reaches the backup; "cut" is at
+    the primary only if the final dot went out, at the backup only if it
+    was committed; no partial file is left in tmp/."""
+    primary, backup = upstreams("primary"), upstreams("backup")
+    backup.set_rules(mail=DOWN)
+    environ = relay_environ(tmp_path, primary.address, [backup.address], log_level="info")
+    spool = spool_path(environ)
+    relay = relay_process(environ).start()
+    assert send(relay.address, ["bob@example.com"], "accepted") == {}
+    relay.kill()
+
+    relay.start(crash_at=crash_at)
+    with pytest.raises((smtplib.SMTPException, OSError)):
+        send(relay.address, ["bob@example.com"], "cut")
+    assert relay.wait_exit() == -signal.SIGKILL
+    # Message files only: a state save cut by the kill may leave tmp/<qid>.state.*.
+    partial = [n for n in os.listdir(spool / "tmp") if "." not in n]
+    committed = [n for n in os.listdir(spool / "msg") if "." not in n]
+    if crash_at == "after_commit":
+        assert (len(partial), len(committed)) == (0, 2)
+    else:
+        assert (len(partial), len(committed)) == (1, 1)
+
+    backup.set_rules()
+    relay.start()
+    wait_until(lambda: backup.count() >= 1 and spool_idle(environ), what="pending copies delivered")
+    assert os.listdir(spool / "tmp") == []
+    at_primary = subjects(primary)
+    at_backup = subjects(backup)
+    assert "accepted" in at_backup
+    if crash_at == "before_final_dot":
+        assert at_primary == ["accepted"]
+    else:
+        assert at_primary == ["accepted", "cut"]
+    if crash_at == "after_commit":
+        assert at_backup == ["accepted", "cut"]
+    else:
+        assert at_backup == ["accepted"]
+    assert os.listdir(spool / "dead") == []
+
+
+# -- 5. the spool fails -------------------------------------------------------
+
+
+def test_spool_write_failure_mid_data_gives_451_and_primary_gets_nothing(upstreams, relay_process, tmp_path):
+    """A full disk, made with RLIMIT_FSIZE (root ignores permissions):
+    write() fails with EFBIG once a spool file reaches the limit."""
+    limit = 64 * 1024
+
+    def small_files() -> None:  # in the child, before exec
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    primary, backup = upstreams("primary"), upstreams("backup")
+    environ = relay_environ(tmp_path, primary.address, [backup.address], log_level="info")
+    relay = relay_process(environ).start(preexec_fn=small_files)
+    big = content("big") + b"x" * 998 + b"\r\n"
+    big += (b"y" * 78 + b"\r\n") * (4 * limit // 80)
+    with smtplib.SMTP(*relay.address, timeout=10) as smtp:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            smtp.sendmail("alice@example.com", ["bob@example.com"], big)
+        assert (refused.value.smtp_code, refused.value.smtp_error[:5]) == (451, b"4.3.0")
+        # The session and the relay go on.
+        assert smtp.sendmail("alice@example.com", ["bob@example.com"], content("small")) == {}
+    backup.wait_for(1)
+    assert subjects(backup) == ["small"]
+    assert subjects(primary) == ["small"]  # the big one never got its final dot
+    assert os.listdir(spool_path(environ) / "tmp") == []
+    assert any(e.get("event") == "spool_write_failed" for e in relay.log_events())
+
+
+def test_spool_tmp_unusable_gives_451_and_primary_gets_nothing(upstreams, relay, tmp_path):
+    primary, backup = upstreams("primary"), upstreams("backup")
+    service = relay(primary.address, [backup.address])
+    tmp_dir = Path(service.spool.directory) / "tmp"
+    shutil.rmtree(tmp_dir)
+    tmp_dir.write_bytes(b"not a directory\n")
+    try:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            send(service.address, ["bob@example.com"], "lost")
+        assert (refused.value.smtp_code, refused.value.smtp_error[:5]) == (451, b"4.3.0")
+    finally:
+        tmp_dir.unlink()
+        tmp_dir.mkdir(mode=0o700)
+    assert send(service.address, ["bob@example.com"], "kept") == {}
+    backup.wait_for(1)
+    assert subjects(primary) == ["kept"]
+    assert subjects(backup) == ["kept"]
+
+
+def test_spool_dir_that_is_a_file_exits_2_with_one_line(tmp_path):
+    not_a_dir = tmp_path / "spool-file"
+    not_a_dir.write_text("x\n")
+    environ = relay_environ(tmp_path, "127.0.0.1:25", ["127.0.0.1:26"], smtp_listen=f"127.0.0.1:{free_port()}",
+                            relay_spool_dir=not_a_dir)
+    result = cli(environ)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("smtpdup: spool: ") and str(not_a_dir) in lines[0]
+
+
+# -- 6. a long backlog does not grow memory ------------------------------------
+
+
+def test_1000_copies_for_a_dead_backup_keep_memory_flat(upstreams, relay, late_listener):
+    primary = upstreams("primary")
+    # late_listener never opened: every connection to the backup is refused.
+    backup_address = f"127.0.0.1:{late_listener.port}"
+    service = relay(primary.address, [backup_address], log_level="warning", **NEVER)
+    small = content("s")
+
+    def sender(count: int) -> None:
+        with smtplib.SMTP(*service.address, timeout=30) as smtp:
+            for _ in range(count):
+                smtp.sendmail("alice@example.com", ["bob@example.com"], small)
+
+    sender(20)  # warm up: imports, caches, pools
+    wait_until(lambda: service.scheduler.pending_count() == 20, what="20 deferred copies")
+    gc.collect()
+    before = rss_bytes()
+    gevent.joinall([gevent.spawn(sender, 98) for _ in range(10)], raise_error=True)
+    wait_until(lambda: service.scheduler.pending_count() == 1000, what="1000 deferred copies")
+    gc.collect()
+    growth = rss_bytes() - before
+    assert growth < 50 * 1024 * 1024, f"RSS grew by {growth / 2**20:.1f} MiB"
+    # Deferred copies are index entries; no message stays loaded.
+    assert service.scheduler._live == {}
+    assert len(queue_entries(service.spool)) == 1000
+    assert primary.count() == 1000
+
+
+# -- 7. domains and sample_percent -------------------------------------------
+
+
+def test_domains_limit_recipients_and_no_match_means_no_copy(upstreams, relay, tmp_path):
+    primary, backup = upstreams("primary"), upstreams("backup")
+    url = f"smtp://{backup.address}?domains=a.example+b.example"
+    service = relay(primary.address, [url])
+    environ = relay_environ(tmp_path, primary.address, [url])
+    assert send(service.address, ["x@a.example", "y@c.example", "z@B.example"], "mixed") == {}
+    assert send(service.address, ["y@c.example"], "none") == {}
+    assert send(service.address, ["w@b.example"], "only-b") == {}
+    primary.wait_for(3)
+    wait_until(lambda: backup.count() >= 2 and spool_idle(environ), what="two copies delivered")
+    stored = {s.content.split(b"Subject: ")[1].split(b"\r\n")[0]: s.rcpt_tos for s in backup.messages()}
+    assert stored == {b"mixed": ["x@a.example", "z@B.example"], b"only-b": ["w@b.example"]}
+    assert queue_list(environ) == []
+
+
+def test_sample_percent_0_100_and_50(upstreams, relay, tmp_path):
+    primary, b0, b50, b100 = (upstreams(n) for n in ("primary", "b0", "b50", "b100"))
+    backups = [
+        f"smtp://{b0.address}?sample_percent=0",
+        f"smtp://{b50.address}?sample_percent=50",
+        f"smtp://{b100.address}?sample_percent=100",
+    ]
+    service = relay(primary.address, backups, log_level="warning")
+    environ = relay_environ(tmp_path, primary.address, backups)
+    total = 200
+    with smtplib.SMTP(*service.address, timeout=10) as smtp:
+        for n in range(total):
+            smtp.sendmail("alice@example.com", ["bob@example.com"], content(f"s{n}"))
+    b100.wait_for(total, timeout=20)
+    wait_until(lambda: spool_idle(environ), timeout=20, what="every sampled copy delivered")
+    assert b0.count() == 0
+    assert 60 <= b50.count() <= 140, b50.count()
+    # Deterministic per queue id: exactly the messages the hash picks.
+    [destination] = [d for d in service.config.relay.destination_backups if d.port == b50.port]
+    expected = {queue_id_of(s) for s in primary.messages() if sampled(queue_id_of(s), destination)}
+    assert {queue_id_of(s) for s in b50.messages()} == expected
+
+
+# -- 8. report: a recipient the backup refuses --------------------------------
+
+
+def test_report_names_a_recipient_the_backup_refused(upstreams, relay, tmp_path):
+    primary, backup = upstreams("primary"), upstreams("backup")
+    refusal = "550 5.1.1 <y@b.example>: unknown user"
+    backup.set_rules(rcpt={"y@b.example": refusal})
+    service = relay(primary.address, [backup.address])
+    environ = relay_environ(tmp_path, primary.address, [backup.address])
+    assert send(service.address, ["x@a.example", "y@b.example"], "two") == {}
+    [stored] = backup.wait_for(1)
+    assert stored.rcpt_tos == ["x@a.example"]
+    assert primary.messages()[0].rcpt_tos == ["x@a.example", "y@b.example"]
+    wait_until(lambda: spool_idle(environ), what="the copy settled")
+
+    result = cli(environ, "report", "--json")
+    assert result.returncode == 0, result.stderr
+    [entry] = json.loads(result.stdout)["backups"]
+    assert entry["destination"] == backup.address
+    assert (entry["delivered"], entry["pending"], entry["ready"]) == (1, 0, False)
+    assert entry["refused_recipients"] == [
+        {"recipient": "y@b.example", "domain": "b.example", "count": 1, "last_reply": refusal}
+    ]
+    assert entry["refused_domains"] == [{"domain": "b.example", "count": 1}]
+
+    text = cli(environ, "report")
+    assert text.returncode == 0, text.stderr
+    assert "y@b.example" in text.stdout and refusal in text.stdout
+    assert re.search(r"^\s+b\.example\s+1$", text.stdout, re.M), text.stdout
+    assert "NOT READY" in text.stdout
+
+
+# -- 9. queue flush and queue delete against a running relay -------------------
+
+
+def test_queue_flush_makes_a_pending_copy_due_now(upstreams, relay, tmp_path):
+    primary, backup = upstreams("primary"), upstreams("backup")
+    backup.set_rules(mail=DOWN)
+    service = relay(primary.address, [backup.address], **NEVER)
+    environ = relay_environ(tmp_path, primary.address, [backup.address], **NEVER)
+    assert send(service.address, ["bob@example.com"], "flushed") == {}
+    [entry] = wait_until(lambda: [e for e in queue_list(environ) if e["attempts"] == 1], what="a failed attempt")
+    assert entry["next_attempt"] > time.time() + 3000  # only the flush can explain a delivery
+    backup.set_rules()
+    result = cli(environ, "queue", "flush")
+    assert result.returncode == 0, result.stderr
+    backup.wait_for(1, timeout=FLUSH_TIMEOUT)
+    assert subjects(backup) == ["flushed"]
+    wait_until(lambda: spool_idle(environ), what="the spool to empty")
+
+
+def test_queue_delete_removes_a_pending_copy_for_good(upstreams, relay, tmp_path):
+    primary, backup = upstreams("primary"), upstreams("backup")
+    backup.set_rules(mail=DOWN)
+    service = relay(primary.address, [backup.address], **NEVER)
+    environ = relay_environ(tmp_path, primary.address, [backup.address], **NEVER)
+    assert send(service.address, ["bob@example.com"], "deleted") == {}
+    [entry] = wait_until(lambda: [e for e in queue_list(environ) if e["attempts"] == 1], what="a failed attempt")
+    result = cli(environ, "queue", "delete", entry["id"])
+    assert result.returncode == 0, result.stderr
+    assert queue_list(environ) == []
+    backup.set_rules()
+    # A flush would make the deleted copy due if it were still there.
+    assert cli(environ, "queue", "flush").returncode == 0
+    flush_file = spool_path(environ) / "flush"
+    wait_until(lambda: not flush_file.exists(), timeout=FLUSH_TIMEOUT, what="the relay to take the flush")
+    assert send(service.address, ["bob@example.com"], "later") == {}
+    backup.wait_for(1)
+    wait_until(lambda: spool_idle(environ), what="the spool to empty")
+    assert subjects(backup) == ["later"]
+    assert subjects(primary) == ["deleted", "later"]
+
+
+# -- 10. expiry ----------------------------------------------------------------
+
+
+def test_copy_expires_after_retry_max_age(upstreams, relay, tmp_path):
+    primary, backup = upstreams("primary"), upstreams("backup")
+    backup.set_rules(mail=DOWN)
+    keys = {"relay_retry_max_age_seconds": 1}
+    service = relay(primary.address, [backup.address], **keys)
+    environ = relay_environ(tmp_path, primary.address, [backup.address], **keys)
+    assert send(service.address, ["bob@example.com"], "expiring") == {}
+    [dead] = wait_until(
+        lambda: [e for e in queue_entries(service.spool) if e["state"] == "dead"], what="the copy to expire"
+    )
+    assert dead["last_reply"].startswith("expired after ")
+    assert DOWN in dead["last_reply"]
+    assert dead["attempts"] >= 2
+    assert dead["recipients"] == ["bob@example.com"]
+    assert [e["state"] for e in queue_list(environ)] == ["dead"]
+    assert backup.count() == 0
