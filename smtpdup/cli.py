@@ -341,6 +341,6 @@ Stop with Ctrl-C.
         )
 
     try:
-        return run_relay(config, ready=ready)
+        return run_relay(config, ready=ready, load_config=lambda: config_module.load(os.devnull, environ))
     except OSError as exc:
         raise _cannot_listen(exc, what=f"demo: cannot listen on {listen}") from None

@@ -201,9 +201,13 @@ class RelayService:
         pending = self.scheduler.load()
         config = self.config
         metrics.declare_destinations(b.name for b in config.relay.destination_backups)
-        if config.metrics.listen is not None:
-            self._http = metrics.serve(config.metrics.listen, ready=lambda: not self.draining)
         self.server.start()
+        if config.metrics.listen is not None:
+            try:
+                self._http = metrics.serve(config.metrics.listen, ready=lambda: not self.draining)
+            except OSError:
+                self.server.drain(0)
+                raise
         self.scheduler.start()
         log.info("started", extra={
             "version": _version(), "pending_copies": pending, "recovered_files": self.recovered_files,
@@ -237,11 +241,18 @@ class RelayService:
         log.info("stopped", extra={"pending_copies": self.scheduler.pending_count()})
 
 
-def run_relay(config: Config, *, ready: Callable[[SmtpServer], None] | None = None) -> int:
+def run_relay(
+    config: Config,
+    *,
+    ready: Callable[[SmtpServer], None] | None = None,
+    load_config: Callable[[], Config] | None = None,
+) -> int:
     """Run the relay until SIGTERM/SIGINT; returns the exit status.
 
-    Raises SpoolError or ConfigError (exit 2 in cli) for problems found at
-    start, before anything listens.
+    ``load_config`` builds the configuration again on SIGHUP (default: the
+    same file and the process environment). Raises SpoolError or
+    ConfigError (exit 2 in cli) for problems found at start, and OSError
+    when a listening address cannot be bound.
     """
     raise_fd_limit()
     service = RelayService(config)
@@ -252,7 +263,7 @@ def run_relay(config: Config, *, ready: Callable[[SmtpServer], None] | None = No
 
     def reload() -> None:
         try:
-            new = config_module.load(service.config.path)
+            new = load_config() if load_config is not None else config_module.load(service.config.path)
             service.reload(new)
         except ConfigError as exc:
             log.error("reload_failed", extra={"error": str(exc)})

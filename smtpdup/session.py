@@ -152,7 +152,10 @@ class Session:
             case RcptTo(recipient=recipient, params=params):
                 return proto.reply(backend.rcpt(recipient, params)) or b""
             case DataStart():
-                return proto.reply(backend.data()) or b""
+                reply = backend.data()
+                if reply.code != 354:
+                    self.in_transaction = False  # a refused DATA ends the transaction
+                return proto.reply(reply) or b""
             case DataEnd():
                 reply = backend.data_end()
                 self.in_transaction = False
