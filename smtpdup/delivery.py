@@ -23,11 +23,13 @@ from __future__ import annotations
 import heapq
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import BinaryIO, TypeVar
 from dataclasses import dataclass, field
 
 import gevent
 from gevent.event import Event
+from gevent.lock import Semaphore
 from gevent.pool import Pool
 
 from . import logs, metrics
@@ -37,6 +39,8 @@ from .spool import Copy, Message, Spool
 from .upstream import Upstream, UpstreamError
 
 log = logs.get("delivery")
+
+T = TypeVar("T")
 
 # Copies due now kept in memory per destination (each pins its Message);
 # beyond this, due copies wait in the on-disk backlog's index until the
@@ -69,7 +73,8 @@ class Scheduler:
         self.pool = Pool(config.relay.backup_concurrency)
         self._ready: dict[str, deque[str]] = defaultdict(deque)  # destination -> "qid/index"
         self._delayed: dict[str, list[tuple[float, str]]] = defaultdict(list)  # heaps of (due, "qid/index")
-        self._live: dict[str, list] = {}  # qid -> [Message, copies queued or in flight]
+        # qid -> [Message, copies queued or in flight, lock for its state file]
+        self._live: dict[str, list] = {}
         self._workers: dict[str, int] = defaultdict(int)
         self._idle: dict[str, int] = defaultdict(int)
         self._work: dict[str, Event] = defaultdict(Event)
@@ -90,11 +95,9 @@ class Scheduler:
         self._wake.set()
         return count
 
-    def submit(self, queue_id: str) -> None:
-        """A freshly committed message: its copies are due now."""
-        message = self.spool.load(queue_id)
-        if message is None:
-            return
+    def submit(self, message: Message) -> None:
+        """A freshly committed message (built in memory by the relay, not
+        read back): its copies are due now."""
         for copy in message.pending():
             if len(self._ready[copy.destination]) < READY_PER_DESTINATION:
                 self._queue(message, copy)
@@ -103,7 +106,7 @@ class Scheduler:
         self._wake.set()
 
     def _queue(self, message: Message, copy: Copy) -> None:
-        live = self._live.setdefault(message.envelope.queue_id, [message, 0])
+        live = self._live.setdefault(message.envelope.queue_id, [message, 0, Semaphore()])
         live[1] += 1
         self._ready[copy.destination].append(_key(message, copy))
         self._work[copy.destination].set()
@@ -161,12 +164,17 @@ class Scheduler:
     def _promote(self, now: float) -> None:
         """Move due copies from the index to their destination's queue,
         loading each message from disk (once for all its copies)."""
-        for dest, heap in self._delayed.items():
+        for dest, heap in list(self._delayed.items()):
             while heap and heap[0][0] <= now and self._room(dest):
                 _, key = heapq.heappop(heap)
                 queue_id, index = _split(key)
                 live = self._live.get(queue_id)
-                message = live[0] if live else self.spool.load(queue_id)
+                try:
+                    message = live[0] if live else _blocking(self.spool.load, queue_id)
+                except OSError as exc:
+                    log.error("spool_read_failed", extra={"queue_id": queue_id, "error": str(exc)})
+                    heapq.heappush(heap, (now + self.config.relay.retry_initial_seconds, key))
+                    continue
                 if message is None or index >= len(message.copies) or message.copies[index].settled:
                     continue  # delivered meanwhile, or deleted with `queue delete`
                 self._queue(message, message.copies[index])
@@ -265,10 +273,15 @@ class Scheduler:
         attempt = _Attempt()
         envelope = message.envelope
         try:
-            content = self.spool.open_content(message)
+            content = _blocking(self._open_content, message)
         except FileNotFoundError:
             attempt.reply = Reply(250, "2.0.0", "deleted from the queue")
             return attempt  # nothing left to deliver: settles the copy
+        except OSError as exc:
+            log.error("spool_read_failed", extra={"queue_id": envelope.queue_id, "error": str(exc)})
+            attempt.deferred = list(copy.recipients)
+            attempt.reply = Reply(451, "4.3.0", "spool file unreadable")
+            return attempt
         with content:
             try:
                 params: dict[str, str | None] = {"SIZE": str(message.content_length)}
@@ -303,12 +316,7 @@ class Scheduler:
                     _rset(upstream)
                     return attempt
                 tail = b"\r\n"
-                remaining = message.content_length
-                while remaining > 0:
-                    block = content.read(min(READ_BLOCK_BYTES, remaining))
-                    if not block:
-                        raise OSError(f"spool file of {envelope.queue_id} is truncated")
-                    remaining -= len(block)
+                for block in content:
                     upstream.send(block)
                     tail = (tail + block[-2:])[-2:]
                 reply = upstream.end_data(tail == b"\r\n")
@@ -328,7 +336,8 @@ class Scheduler:
         return attempt
 
     def _finish(self, message: Message, copy: Copy, attempt: _Attempt, seconds: float) -> None:
-        """Apply an attempt's outcome to the copy, journal it, save it."""
+        """Apply an attempt's outcome to the copy, then journal and save it
+        (in the threadpool, serialised per message)."""
         relay_config = self.config.relay
         envelope = message.envelope
         now = time.time()
@@ -337,7 +346,6 @@ class Scheduler:
         reply_text = str(attempt.reply) if attempt.reply is not None else ""
         copy.last_reply = reply_text
         if attempt.delivered:
-            self.spool.journal_delivered(message, copy, attempt.delivered)
             metrics.BACKUP_DELIVERIES.labels(dest, "delivered").inc()
         for recipient, reply in attempt.refused:
             log.warning("backup_refused_recipient", extra={
@@ -345,19 +353,16 @@ class Scheduler:
                 "recipient": recipient, "reply": str(reply),
             })
             metrics.BACKUP_REFUSED_RECIPIENTS.labels(dest).inc()
-            self.spool.journal_refused(message, copy, recipient, str(reply))
         dead = [r for r, _ in attempt.refused] + attempt.dead
         reasons = [str(reply) for _, reply in attempt.refused]
         if attempt.dead:
             reasons.append(reply_text)
         deferred = attempt.deferred
-        expired = deferred and now - envelope.received_at >= relay_config.retry_max_age_seconds
-        if expired:
+        if deferred and now - envelope.received_at >= relay_config.retry_max_age_seconds:
             dead += deferred
             reasons.append(f"expired after {copy.attempts} attempts: {reply_text}")
             deferred = []
         if dead:
-            self.spool.dead_letter(message, copy, dead, "; ".join(dict.fromkeys(reasons)), now)
             metrics.BACKUP_DELIVERIES.labels(dest, "dead").inc()
         copy.recipients = list(deferred)
         outcome = "delivered" if not dead else "dead"
@@ -372,13 +377,67 @@ class Scheduler:
             metrics.BACKUP_DELIVERIES.labels(dest, "deferred").inc()
         else:
             copy.settled = True
-        self.spool.save(message)
+        # A copy fully delivered while other copies of the message are still
+        # on their way changes nothing on disk: at worst a crash before the
+        # next save delivers it again (at-least-once), and the file
+        # operations it saves are the costly part of a delivery.
+        save = dead or deferred or all(c.settled for c in message.copies)
+        reason = "; ".join(dict.fromkeys(reasons))
+        lock = self._live[envelope.queue_id][2] if envelope.queue_id in self._live else None
+        try:
+            if lock is not None:
+                lock.acquire()
+            try:
+                _blocking(self._record, message, copy, attempt, dead, reason, now, save)
+            finally:
+                if lock is not None:
+                    lock.release()
+        except OSError as exc:
+            # The outcome could not be written: the copy stays as it was on
+            # disk and is tried again after a restart, if not sooner.
+            log.error("spool_update_failed", extra={
+                "queue_id": envelope.queue_id, "destination": dest, "error": str(exc),
+            })
         log.info("backup_attempt", extra={
             "queue_id": envelope.queue_id, "destination": dest, "attempt": copy.attempts,
             "reply": reply_text, "outcome": outcome,
             "delivered": len(attempt.delivered), "deferred": len(deferred), "dead": len(dead),
             "duration_ms": round(seconds * 1000, 1),
         })
+
+    def _record(
+        self, message: Message, copy: Copy, attempt: _Attempt,
+        dead: list[str], reason: str, now: float, save: bool,
+    ) -> None:
+        """In a worker thread: the file-system side of an outcome."""
+        spool = self.spool
+        if attempt.delivered:
+            spool.journal_delivered(message, copy, attempt.delivered)
+        for recipient, reply in attempt.refused:
+            spool.journal_refused(message, copy, recipient, str(reply))
+        if dead:
+            try:
+                spool.dead_letter(message, copy, dead, reason, now)
+            except FileNotFoundError:
+                pass  # deleted with `queue delete` meanwhile
+        if save:
+            spool.save(message)
+
+    def _open_content(self, message: Message) -> _Blocks:
+        """In a worker thread: the content of ``message``, as one block when
+        small (the usual case: one trip to the threadpool), else as an
+        iterator that reads each further block in the threadpool too."""
+        f = self.spool.open_content(message)
+        length = message.content_length
+        if length <= READ_BLOCK_BYTES:
+            try:
+                data = f.read(length)
+            finally:
+                f.close()
+            if len(data) != length:
+                raise OSError(f"spool file of {message.queue_id} is truncated")
+            return _Blocks([data])
+        return _Blocks(_stream(f, length))
 
     def _destination(self, name: str) -> Destination | None:
         for destination in self.config.relay.destination_backups:
@@ -401,6 +460,44 @@ class Scheduler:
             sum(len(h) for h in self._delayed.values())
             + sum(len(q) for q in self._ready.values())
         )
+
+
+def _blocking(function: Callable[..., T], *args: object) -> T:
+    """Run a file-system call in gevent's threadpool: under fsync load even
+    an open or a rename can block for milliseconds (see relay.blocking)."""
+    return gevent.get_hub().threadpool.apply(function, args)
+
+
+class _Blocks:
+    """Content blocks to send, closable like a file."""
+
+    def __init__(self, blocks: Iterable[bytes]) -> None:
+        self._blocks = blocks
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._blocks)
+
+    def __enter__(self) -> _Blocks:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        close = getattr(self._blocks, "close", None)
+        if close is not None:
+            close()
+
+
+def _stream(f: BinaryIO, length: int) -> Iterator[bytes]:
+    """Blocks of a large content, each read in the threadpool."""
+    try:
+        remaining = length
+        while remaining > 0:
+            block = _blocking(f.read, min(READ_BLOCK_BYTES, remaining))
+            if not block:
+                raise OSError("spool file is truncated")
+            remaining -= len(block)
+            yield block
+    finally:
+        f.close()
 
 
 def _classify(attempt: _Attempt, recipients: Iterable[str], reply: Reply) -> None:

@@ -28,20 +28,15 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
-
-import gevent
-from gevent.event import AsyncResult
 
 from . import logs, metrics
+from .blocking import Batch, blocking, each
 from .config import Config, Destination
 from .reply import LOCAL_ERROR, PRIMARY_UNAVAILABLE, Reply
-from .spool import Envelope, Spool, SpoolFile, Target, new_queue_id
+from .spool import Envelope, Message, Spool, SpoolFile, Target, new_queue_id
 from .upstream import Upstream, UpstreamError
 
 log = logs.get("relay")
-
-T = TypeVar("T")
 
 # A HELO name goes into the Received header; keep it printable and short.
 MAX_HELO_IN_HEADER = 255
@@ -57,67 +52,22 @@ def _crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def blocking(function: Callable[..., T], *args: object) -> T:
-    """Run a blocking file-system call in gevent's threadpool.
-
-    Not only fsync blocks: while the journal commits another fsync, even an
-    open(O_CREAT) or a rename can take milliseconds, and on the event loop
-    that would stall every session.
-    """
-    return gevent.get_hub().threadpool.apply(function, args)
-
-
-class GroupCommit:
-    """Commits spool files in batches: the renames of every file handed in
-    while the previous batch was on disk, then one directory fsync that
-    makes them all durable, in one trip to the threadpool."""
-
-    def __init__(self, sync_directory: Callable[[], None]) -> None:
-        self._sync_directory = sync_directory
-        self._waiting: list[tuple[SpoolFile, AsyncResult]] = []
-        self._running = False
-
-    def __call__(self, spool_file: SpoolFile) -> None:
-        """Block this greenlet until ``spool_file`` is committed and durable;
-        re-raise the error if it could not be."""
-        waiter = AsyncResult()
-        self._waiting.append((spool_file, waiter))
-        if not self._running:
-            self._running = True
-            gevent.spawn(self._run)
-        waiter.get()
-
-    def _commit(self, batch: list[tuple[SpoolFile, AsyncResult]]) -> list[OSError | None]:
-        """In a worker thread: rename each file, then fsync the directory."""
-        errors: list[OSError | None] = []
-        for spool_file, _ in batch:
-            try:
-                spool_file.commit()
-                errors.append(None)
-            except OSError as exc:
-                errors.append(exc)
-        if any(error is None for error in errors):
-            try:
-                self._sync_directory()
-            except OSError as exc:
-                errors = [error or exc for error in errors]
-        return errors
-
-    def _run(self) -> None:
+def _commit_all(files: list[SpoolFile], sync_directory: Callable[[], None]) -> list[BaseException | None]:
+    """In a worker thread: rename each file into msg/, then one directory
+    fsync that makes every rename durable."""
+    errors: list[BaseException | None] = []
+    for spool_file in files:
         try:
-            while self._waiting:
-                batch, self._waiting = self._waiting, []
-                try:
-                    errors = blocking(self._commit, batch)
-                except OSError as exc:
-                    errors = [exc] * len(batch)
-                for (_, waiter), error in zip(batch, errors):
-                    if error is None:
-                        waiter.set(None)
-                    else:
-                        waiter.set_exception(error)
-        finally:
-            self._running = False
+            spool_file.commit()
+            errors.append(None)
+        except OSError as exc:
+            errors.append(exc)
+    if any(error is None for error in errors):
+        try:
+            sync_directory()
+        except OSError as exc:
+            errors = [error or exc for error in errors]
+    return errors
 
 
 def sampled(queue_id: str, destination: Destination) -> bool:
@@ -160,6 +110,7 @@ class _Transaction:
     spool_file: SpoolFile | None = None
     size: int = 0
     tail: bytes = b"\r\n"  # last two bytes sent: does the content end a line?
+    held: bytes = b""  # the newest chunk, not yet sent to the primary
     failure: Reply | None = None  # set when the primary or the spool broke mid-DATA
 
 
@@ -167,11 +118,15 @@ class Relay:
     """What every relay session shares: the configuration (replaced whole
     on reload), the spool, the group commit and the delivery hand-off."""
 
-    def __init__(self, config: Config, spool: Spool, submit: Callable[[str], None]) -> None:
+    def __init__(self, config: Config, spool: Spool, submit: Callable[[Message], None]) -> None:
         self.config = config
         self.spool = spool
         self.submit = submit
-        self.commit_durable = GroupCommit(spool.sync_directory)
+        # Group commit: concurrent sessions share their fsyncs (content,
+        # before the final dot) and their renames + directory fsync (after
+        # the primary's 2xx), one threadpool trip per batch.
+        self.sync = Batch(each(SpoolFile.sync))
+        self.commit_durable = Batch(lambda files: _commit_all(files, spool.sync_directory))
 
     def session(self, client_ip: str) -> RelaySession:
         return RelaySession(self, client_ip)
@@ -337,11 +292,15 @@ class RelaySession:
             except OSError as exc:
                 self._spool_failed(txn, exc)
                 return
-        try:
-            assert self._primary is not None
-            self._primary.send(data)
-        except UpstreamError as exc:
-            txn.failure = self._primary_failed(exc)
+        # The newest chunk is held back and leaves with the final dot (one
+        # write fewer per message); everything before it streams on.
+        held, txn.held = txn.held, data
+        if held:
+            try:
+                assert self._primary is not None
+                self._primary.send(held)
+            except UpstreamError as exc:
+                txn.failure = self._primary_failed(exc)
 
     def _spool_failed(self, txn: _Transaction, exc: OSError) -> None:
         # The primary must never hold a message the backups cannot get:
@@ -383,14 +342,14 @@ class RelaySession:
         spool_file = txn.spool_file
         if spool_file is not None:
             try:
-                blocking(spool_file.sync)
+                self.relay.sync(spool_file)
             except OSError as exc:
                 self._spool_failed(txn, exc)
                 return LOCAL_ERROR
         _crash_point("before_final_dot")
         started = time.monotonic()
         try:
-            reply = primary.end_data(txn.tail == b"\r\n")
+            reply = primary.end_data(txn.tail == b"\r\n", txn.held)
         except UpstreamError as exc:
             self._discard(txn)
             return self._primary_failed(exc)
@@ -409,7 +368,7 @@ class RelaySession:
             self._discard(txn)
             return LOCAL_ERROR
         _crash_point("after_commit")
-        self.relay.submit(txn.queue_id)
+        self.relay.submit(spool_file.message())
         return reply
 
     def _discard(self, txn: _Transaction) -> None:

@@ -57,6 +57,7 @@ from __future__ import annotations
 import calendar
 import json
 import os
+from collections import deque
 import re
 import secrets
 import time
@@ -99,6 +100,9 @@ _COPY_ID_RE = re.compile(r"([0-9a-f]{20})\.([0-9]{1,6})")
 _JOURNAL_RE = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2})\.jsonl")
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+# Settled message files kept under free/ for reuse by new messages.
+FREE_FILES_MAX = 4096
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC
 _APPEND_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | _O_CLOEXEC
@@ -482,10 +486,26 @@ class SpoolFile:
     Not thread-safe: one writer per file.
     """
 
-    __slots__ = ("queue_id", "_fd", "_tmp_path", "_msg_path", "_pending_header", "_dirty", "_committed")
+    __slots__ = (
+        "queue_id", "envelope", "targets", "content_length", "_header_length",
+        "_fd", "_tmp_path", "_msg_path", "_pending_header", "_dirty", "_committed", "_recycled",
+    )
 
-    def __init__(self, queue_id: str, fd: int, tmp_path: str, msg_path: str, header: bytes) -> None:
-        self.queue_id = queue_id
+    def __init__(
+        self,
+        envelope: Envelope,
+        targets: Sequence[Target],
+        fd: int,
+        tmp_path: str,
+        msg_path: str,
+        header: bytes,
+        recycled: bool = False,
+    ) -> None:
+        self.queue_id = envelope.queue_id
+        self.envelope = envelope
+        self.targets = tuple(targets)
+        self.content_length = 0
+        self._header_length = len(header)
         self._fd: int | None = fd
         self._tmp_path = tmp_path
         self._msg_path = msg_path
@@ -494,6 +514,8 @@ class SpoolFile:
         self._pending_header: bytes | None = header
         self._dirty = True
         self._committed = False
+        # A reused file is overwritten from its start and cut to length at sync.
+        self._recycled = recycled
 
     def _require_open(self) -> int:
         if self._fd is None:
@@ -508,7 +530,17 @@ class SpoolFile:
             self._pending_header = None
         elif data:
             _write_all(fd, [data])
+        self.content_length += len(data)
         self._dirty = True
+
+    def message(self) -> Message:
+        """The committed message as ``Spool.load`` would read it back, built
+        from what this writer already knows (no read from disk)."""
+        copies = [
+            Copy(index=i, destination=t.destination, recipients=list(t.recipients))
+            for i, t in enumerate(self.targets)
+        ]
+        return Message(self.envelope, copies, self._header_length, self.content_length)
 
     def sync(self) -> None:
         """fsync the file (blocking): content is on disk. Raises OSError."""
@@ -516,6 +548,8 @@ class SpoolFile:
         if self._pending_header is not None:
             _write_all(fd, [self._pending_header])
             self._pending_header = None
+        if self._recycled:
+            os.ftruncate(fd, self._header_length + self.content_length)
         os.fsync(fd)
         self._dirty = False
 
@@ -603,13 +637,14 @@ class Spool:
         self._journal_dir = os.path.join(self.directory, "journal")
         self._corrupt = os.path.join(self.directory, "corrupt")
         self._flush = os.path.join(self.directory, "flush")
+        self._free_dir = os.path.join(self.directory, "free")
         self._journal_files = _JournalFiles()
         weakref.finalize(self, self._journal_files.close)
         where = self.directory
         try:
             if os.path.exists(where) and not os.path.isdir(where):
                 raise SpoolError(f"spool: {where} exists and is not a directory")
-            for path in (self.directory, self._tmp, self._msg, self._dead, self._journal_dir):
+            for path in (self.directory, self._tmp, self._msg, self._dead, self._journal_dir, self._free_dir):
                 where = path
                 os.makedirs(path, mode=DIR_MODE, exist_ok=True)
             # rename (commit) and link (dead letters) need one filesystem.
@@ -629,6 +664,8 @@ class Spool:
                 _unlink(probe)
         except OSError as exc:
             raise SpoolError(f"spool: {self.directory} is not writable: {exc}") from None
+        # Files of settled messages, kept for reuse (see _retire).
+        self._free: deque[str] = deque(sorted(os.listdir(self._free_dir))[:FREE_FILES_MAX])
 
     def close(self) -> None:
         """Close journal descriptors (also done when the Spool is collected)."""
@@ -660,8 +697,45 @@ class Spool:
             raise ValueError(f"not a queue id: {queue_id!r}")
         header = _encode_header(envelope, targets) + b"\n"
         tmp_path = os.path.join(self._tmp, queue_id)
-        fd = os.open(tmp_path, _NEW_FILE_FLAGS, FILE_MODE)
-        return SpoolFile(queue_id, fd, tmp_path, self._msg_path(queue_id), header)
+        fd = self._reuse(tmp_path)
+        recycled = fd is not None
+        if fd is None:
+            fd = os.open(tmp_path, _NEW_FILE_FLAGS, FILE_MODE)
+        return SpoolFile(envelope, targets, fd, tmp_path, self._msg_path(queue_id), header, recycled)
+
+    def _reuse(self, path: str) -> int | None:
+        """A recycled file moved to ``path`` and opened for overwriting, or
+        None when there is none (another process may have taken it)."""
+        while True:
+            try:
+                name = self._free.popleft()
+            except IndexError:
+                return None
+            try:
+                os.rename(os.path.join(self._free_dir, name), path)
+                return os.open(path, os.O_WRONLY | _O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+
+    def _retire(self, path: str) -> None:
+        """Done with a message file: keep it for reuse, or remove it.
+
+        Creating and deleting thousands of files a second makes ext4 search
+        ever longer for a free inode (it skips recently deleted ones), which
+        costs more CPU than the rest of a delivery; a file that is renamed
+        away and overwritten later keeps its inode. A file with another link
+        (a dead letter shares its content) is never reused.
+        """
+        if len(self._free) < FREE_FILES_MAX:
+            try:
+                if os.stat(path).st_nlink == 1:
+                    name = os.path.basename(path)
+                    os.rename(path, os.path.join(self._free_dir, name))
+                    self._free.append(name)
+                    return
+            except FileNotFoundError:
+                return
+        _unlink(path)
 
     def sync_directory(self) -> None:
         """fsync ``msg/``: every commit before this call is durable (group commit)."""
@@ -780,7 +854,7 @@ class Spool:
         if all(c.settled for c in message.copies):
             # Message first: if we crash in between, an orphan state file is
             # harmless and recover() removes it.
-            _unlink(self._msg_path(queue_id))
+            self._retire(self._msg_path(queue_id))
             _unlink(state_path)
             return
         tmp_path = os.path.join(self._tmp, f"{queue_id}.state.{secrets.token_hex(4)}")

@@ -219,13 +219,14 @@ class Upstream:
             self.abort()
             raise _unavailable(self.destination, _describe(exc)) from None
 
-    def end_data(self, ends_with_crlf: bool) -> Reply:
-        """Send the final dot and return the destination's verdict.
+    def end_data(self, ends_with_crlf: bool, last: bytes = b"") -> Reply:
+        """Send ``last`` (the end of the content, if any) and the final dot
+        in one write; return the destination's verdict.
 
-        ``ends_with_crlf`` says whether the content sent so far ended a
-        line; if not, a CRLF is added first so the dot stands alone.
+        ``ends_with_crlf`` says whether the content ends a line; if not, a
+        CRLF is added first so the dot stands alone.
         """
-        reply = self.command(b"." if ends_with_crlf else b"\r\n.")
+        reply = self.command(last + (b"." if ends_with_crlf else b"\r\n."))
         if reply.code // 100 == 2:
             self.messages_sent += 1
         return reply
