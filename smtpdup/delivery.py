@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 
 import gevent
 from gevent.event import Event
-from gevent.lock import Semaphore
 from gevent.pool import Pool
 
 from . import logs, metrics
 from .config import Config, Destination
 from .reply import Reply
+from .blocking import Batch, blocking, each
 from .spool import Copy, Message, Spool
 from .upstream import Upstream, UpstreamError
 
@@ -51,6 +51,10 @@ LINGER_SECONDS = 1.0
 # How often the scheduler looks for `smtpdup queue flush` and refreshes
 # the spool gauges.
 POLL_SECONDS = 1.0
+# A message younger than this is read on the event loop: its content was
+# just written and is in the page cache. Older ones are read in the
+# threadpool, as reading them may wait for the disk.
+FRESH_SECONDS = 60.0
 # Content is read from the spool and sent in blocks of this size.
 READ_BLOCK_BYTES = 64 * 1024
 
@@ -73,8 +77,8 @@ class Scheduler:
         self.pool = Pool(config.relay.backup_concurrency)
         self._ready: dict[str, deque[str]] = defaultdict(deque)  # destination -> "qid/index"
         self._delayed: dict[str, list[tuple[float, str]]] = defaultdict(list)  # heaps of (due, "qid/index")
-        # qid -> [Message, copies queued or in flight, lock for its state file]
-        self._live: dict[str, list] = {}
+        self._live: dict[str, list] = {}  # qid -> [Message, copies queued or in flight]
+        self._records = Batch(each(lambda record: self._record(*record)))
         self._workers: dict[str, int] = defaultdict(int)
         self._idle: dict[str, int] = defaultdict(int)
         self._work: dict[str, Event] = defaultdict(Event)
@@ -106,7 +110,7 @@ class Scheduler:
         self._wake.set()
 
     def _queue(self, message: Message, copy: Copy) -> None:
-        live = self._live.setdefault(message.envelope.queue_id, [message, 0, Semaphore()])
+        live = self._live.setdefault(message.envelope.queue_id, [message, 0])
         live[1] += 1
         self._ready[copy.destination].append(_key(message, copy))
         self._work[copy.destination].set()
@@ -170,7 +174,7 @@ class Scheduler:
                 queue_id, index = _split(key)
                 live = self._live.get(queue_id)
                 try:
-                    message = live[0] if live else _blocking(self.spool.load, queue_id)
+                    message = live[0] if live else blocking(self.spool.load, queue_id)
                 except OSError as exc:
                     log.error("spool_read_failed", extra={"queue_id": queue_id, "error": str(exc)})
                     heapq.heappush(heap, (now + self.config.relay.retry_initial_seconds, key))
@@ -195,13 +199,22 @@ class Scheduler:
     def _worker(self, dest_name: str) -> None:
         upstream: Upstream | None = None
         ready = self._ready[dest_name]
+        work = self._work[dest_name]
+        idle_until = None
         try:
             while not self._stopping:
                 if not ready:
-                    self._work[dest_name].clear()
-                    self._work[dest_name].wait(LINGER_SECONDS)
-                    if not ready:
+                    # Linger with the session open: more copies are likely.
+                    # Every idle worker wakes for a new copy; those that
+                    # lose the race wait on until their own deadline.
+                    now = time.monotonic()
+                    idle_until = idle_until or now + LINGER_SECONDS
+                    if now >= idle_until:
                         return
+                    work.clear()
+                    work.wait(idle_until - now)
+                    continue
+                idle_until = None
                 key = ready.popleft()
                 self._idle[dest_name] -= 1
                 try:
@@ -273,7 +286,10 @@ class Scheduler:
         attempt = _Attempt()
         envelope = message.envelope
         try:
-            content = _blocking(self._open_content, message)
+            if time.time() - envelope.received_at < FRESH_SECONDS:
+                content = self._open_content(message)  # in the page cache: no disk wait
+            else:
+                content = blocking(self._open_content, message)
         except FileNotFoundError:
             attempt.reply = Reply(250, "2.0.0", "deleted from the queue")
             return attempt  # nothing left to deliver: settles the copy
@@ -289,15 +305,14 @@ class Scheduler:
                     params["SMTPUTF8"] = None
                 if envelope.body:
                     params["BODY"] = envelope.body
-                reply = upstream.mail(envelope.sender, params)
-                if reply.code // 100 != 2:
-                    attempt.reply = reply
-                    _classify(attempt, copy.recipients, reply)
+                mail, rcpts, data = upstream.open_transaction(envelope.sender, params, copy.recipients)
+                if mail.code // 100 != 2:
+                    attempt.reply = mail
+                    _classify(attempt, copy.recipients, mail)
                     _rset(upstream)
                     return attempt
                 accepted = []
-                for recipient in copy.recipients:
-                    reply = upstream.rcpt(recipient)
+                for recipient, reply in zip(copy.recipients, rcpts):
                     if reply.code // 100 == 2:
                         accepted.append(recipient)
                     elif reply.code // 100 == 5:
@@ -307,19 +322,24 @@ class Scheduler:
                         attempt.reply = reply
                 if not accepted:
                     _rset(upstream)
-                    attempt.reply = attempt.reply or (attempt.refused[0][1] if attempt.refused else reply)
+                    attempt.reply = attempt.reply or (attempt.refused[0][1] if attempt.refused else rcpts[-1])
                     return attempt
-                reply = upstream.data()
-                if reply.code != 354:
+                if data is None or data.code != 354:
+                    reply = data or Reply(451, "4.4.2", "DATA not accepted")
                     attempt.reply = reply
                     _classify(attempt, accepted, reply)
                     _rset(upstream)
                     return attempt
+                # Content streams block by block; the last block leaves
+                # with the final dot, in one write.
                 tail = b"\r\n"
+                last = b""
                 for block in content:
-                    upstream.send(block)
+                    if last:
+                        upstream.send(last)
+                    last = block
                     tail = (tail + block[-2:])[-2:]
-                reply = upstream.end_data(tail == b"\r\n")
+                reply = upstream.end_data(tail == b"\r\n", last)
                 attempt.reply = reply
                 _classify(attempt, accepted, reply)
             except UpstreamError as exc:
@@ -383,15 +403,10 @@ class Scheduler:
         # operations it saves are the costly part of a delivery.
         save = dead or deferred or all(c.settled for c in message.copies)
         reason = "; ".join(dict.fromkeys(reasons))
-        lock = self._live[envelope.queue_id][2] if envelope.queue_id in self._live else None
         try:
-            if lock is not None:
-                lock.acquire()
-            try:
-                _blocking(self._record, message, copy, attempt, dead, reason, now, save)
-            finally:
-                if lock is not None:
-                    lock.release()
+            # Batched: outcomes recorded one after another in one thread,
+            # so the saves of a message never overtake each other.
+            self._records((message, copy, attempt, dead, reason, now, save))
         except OSError as exc:
             # The outcome could not be written: the copy stays as it was on
             # disk and is tried again after a restart, if not sooner.
@@ -462,12 +477,6 @@ class Scheduler:
         )
 
 
-def _blocking(function: Callable[..., T], *args: object) -> T:
-    """Run a file-system call in gevent's threadpool: under fsync load even
-    an open or a rename can block for milliseconds (see relay.blocking)."""
-    return gevent.get_hub().threadpool.apply(function, args)
-
-
 class _Blocks:
     """Content blocks to send, closable like a file."""
 
@@ -491,7 +500,7 @@ def _stream(f: BinaryIO, length: int) -> Iterator[bytes]:
     try:
         remaining = length
         while remaining > 0:
-            block = _blocking(f.read, min(READ_BLOCK_BYTES, remaining))
+            block = blocking(f.read, min(READ_BLOCK_BYTES, remaining))
             if not block:
                 raise OSError("spool file is truncated")
             remaining -= len(block)

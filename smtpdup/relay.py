@@ -26,17 +26,25 @@ import hashlib
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import gevent
 
 from . import logs, metrics
 from .blocking import Batch, blocking, each
 from .config import Config, Destination
 from .reply import LOCAL_ERROR, PRIMARY_UNAVAILABLE, Reply
-from .spool import Envelope, Message, Spool, SpoolFile, Target, new_queue_id
+from .spool import Blank, Envelope, Message, Spool, SpoolFile, Target, new_queue_id
 from .upstream import Upstream, UpstreamError
 
 log = logs.get("relay")
+
+# Spool files prepared ahead: a batch of this many when fewer than
+# BLANKS_LOW are left.
+BLANKS_BATCH = 32
+BLANKS_LOW = 8
 
 # A HELO name goes into the Received header; keep it printable and short.
 MAX_HELO_IN_HEADER = 255
@@ -114,6 +122,32 @@ class _Transaction:
     failure: Reply | None = None  # set when the primary or the spool broke mid-DATA
 
 
+class BlankSupply:
+    """Spool files opened ahead of time, in batches, in the threadpool: a
+    new message takes one without a trip there. Holds at most
+    BLANKS_BATCH + BLANKS_LOW open files."""
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+        self._stock: deque[Blank] = deque()
+        self._refilling = False
+
+    def take(self) -> Blank | None:
+        """A prepared file, or None (the caller creates one itself)."""
+        if len(self._stock) < BLANKS_LOW and not self._refilling:
+            self._refilling = True
+            gevent.spawn(self._refill)
+        return self._stock.popleft() if self._stock else None
+
+    def _refill(self) -> None:
+        try:
+            self._stock.extend(blocking(self._spool.prepare, BLANKS_BATCH))
+        except OSError as exc:
+            log.error("spool_prepare_failed", extra={"error": str(exc)})
+        finally:
+            self._refilling = False
+
+
 class Relay:
     """What every relay session shares: the configuration (replaced whole
     on reload), the spool, the group commit and the delivery hand-off."""
@@ -127,6 +161,7 @@ class Relay:
         # the primary's 2xx), one threadpool trip per batch.
         self.sync = Batch(each(SpoolFile.sync))
         self.commit_durable = Batch(lambda files: _commit_all(files, spool.sync_directory))
+        self.blanks = BlankSupply(spool)
 
     def session(self, client_ip: str) -> RelaySession:
         return RelaySession(self, client_ip)
@@ -269,7 +304,11 @@ class RelaySession:
                 received_at=time.time(),
             )
             try:
-                txn.spool_file = blocking(self.relay.spool.create, envelope, targets)
+                blank = self.relay.blanks.take()
+                if blank is not None:
+                    txn.spool_file = self.relay.spool.create(envelope, targets, blank)
+                else:
+                    txn.spool_file = blocking(self.relay.spool.create, envelope, targets)
             except OSError as exc:
                 self._txn = None
                 self._spool_failed(txn, exc)

@@ -119,7 +119,9 @@ class Session:
                 pending += self._dispatch(event)
             pending += proto.data_to_send()
             if pending:
-                self.sock.sendall(pending)
+                sent = self.sock.send(pending)  # one send() nearly always takes it all
+                if sent < len(pending):
+                    self.sock.sendall(memoryview(pending)[sent:])
                 pending = b""
             if proto.closed:
                 return

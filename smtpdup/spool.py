@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import errno
 import os
 from collections import deque
 import re
@@ -100,6 +101,9 @@ _COPY_ID_RE = re.compile(r"([0-9a-f]{20})\.([0-9]{1,6})")
 _JOURNAL_RE = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2})\.jsonl")
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+# Files in tmp/ opened ahead of time for messages to come (Spool.prepare).
+BLANK_PREFIX = "_"
 
 # Settled message files kept under free/ for reuse by new messages.
 FREE_FILES_MAX = 4096
@@ -162,6 +166,15 @@ class Message:
     def pending(self) -> list[Copy]:
         """Copies not settled yet."""
         return [c for c in self.copies if not c.settled]
+
+
+@dataclass(frozen=True, slots=True)
+class Blank:
+    """An open file in ``tmp/``, ready to become a message (see ``prepare``)."""
+
+    fd: int
+    path: str
+    recycled: bool  # holds an old message: overwritten, then cut to length
 
 
 @dataclass(frozen=True, slots=True)
@@ -551,6 +564,10 @@ class SpoolFile:
         if self._recycled:
             os.ftruncate(fd, self._header_length + self.content_length)
         os.fsync(fd)
+        if os.fstat(fd).st_nlink == 0:
+            # Removed behind our back (tmp/ deleted?): the commit would fail
+            # after the primary's 2xx; say so now, before the final dot.
+            raise FileNotFoundError(errno.ENOENT, "spool file removed", self._tmp_path)
         self._dirty = False
 
     def commit(self) -> None:
@@ -687,7 +704,22 @@ class Spool:
 
     # -- writing --
 
-    def create(self, envelope: Envelope, targets: Sequence[Target]) -> SpoolFile:
+    def prepare(self, count: int) -> list[Blank]:
+        """Open ``count`` files in ``tmp/`` for messages to come, reusing
+        files from ``free/`` where there are any. Blocking: meant for a
+        worker thread, so that ``create`` costs a message no trip there.
+        Leftovers are removed by ``recover`` like any ``tmp/`` file."""
+        blanks = []
+        for _ in range(count):
+            path = os.path.join(self._tmp, f"{BLANK_PREFIX}{secrets.token_hex(8)}")
+            fd = self._reuse(path)
+            recycled = fd is not None
+            if fd is None:
+                fd = os.open(path, _NEW_FILE_FLAGS, FILE_MODE)
+            blanks.append(Blank(fd, path, recycled))
+        return blanks
+
+    def create(self, envelope: Envelope, targets: Sequence[Target], blank: Blank | None = None) -> SpoolFile:
         """Start ``tmp/<qid>`` with the header (written with the first content).
 
         Raises OSError on disk errors, ValueError on a malformed queue id.
@@ -696,6 +728,9 @@ class Spool:
         if not _QID_RE.fullmatch(queue_id):
             raise ValueError(f"not a queue id: {queue_id!r}")
         header = _encode_header(envelope, targets) + b"\n"
+        if blank is not None:
+            fd, tmp_path, recycled = blank.fd, blank.path, blank.recycled
+            return SpoolFile(envelope, targets, fd, tmp_path, self._msg_path(queue_id), header, recycled)
         tmp_path = os.path.join(self._tmp, queue_id)
         fd = self._reuse(tmp_path)
         recycled = fd is not None

@@ -40,6 +40,15 @@ class UpstreamError(Exception):
         self.reply = reply
 
 
+def send_all(sock: socket.socket, data: bytes) -> None:
+    """sendall, with a fast path: one send() usually takes all of a
+    command or a reply, and gevent's sendall costs a getsockopt and a
+    timer per call on top. Raises OSError."""
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
+
+
 def _unavailable(destination: Destination, what: str) -> UpstreamError:
     return UpstreamError(Reply(451, "4.4.1", f"{destination.name} unavailable: {what}"))
 
@@ -173,7 +182,7 @@ class Upstream:
         if smtp is None:
             raise _unavailable(self.destination, "not connected")
         try:
-            smtp.sock.sendall(line + b"\r\n")
+            send_all(smtp.sock, line + b"\r\n")
             code, message = smtp.getreply()
         except (OSError, smtplib.SMTPException) as exc:
             self.abort()
@@ -183,11 +192,28 @@ class Upstream:
             self.abort()
         return Reply.from_smtplib(code, message)
 
-    def mail(self, sender: str, params: Mapping[str, str | None]) -> Reply:
-        """MAIL FROM with the parameters this destination understands:
-        SIZE, BODY=8BITMIME and SMTPUTF8 go on only where advertised. A
-        message that needs SMTPUTF8 for a destination without it gets
-        553 5.6.7 without anything being sent."""
+    def commands(self, lines: list[bytes]) -> list[Reply]:
+        """Send several command lines in one write and read a reply for
+        each, in order (RFC 2920 PIPELINING; only for destinations that
+        advertise it)."""
+        smtp = self._smtp
+        if smtp is None:
+            raise _unavailable(self.destination, "not connected")
+        try:
+            send_all(smtp.sock, b"".join(line + b"\r\n" for line in lines))
+            replies = [Reply.from_smtplib(*smtp.getreply()) for _ in lines]
+        except (OSError, smtplib.SMTPException) as exc:
+            self.abort()
+            raise _unavailable(self.destination, _describe(exc)) from None
+        if any(reply.code == 421 for reply in replies):
+            self.abort()
+        return replies
+
+    def _mail_line(self, sender: str, params: Mapping[str, str | None]) -> bytes | Reply:
+        """The MAIL command with the parameters this destination
+        understands: SIZE, BODY=8BITMIME and SMTPUTF8 go on only where
+        advertised. A message that needs SMTPUTF8 for a destination
+        without it gets 553 5.6.7 instead."""
         words = [b"MAIL FROM:<" + sender.encode("utf-8", "surrogateescape") + b">"]
         if "SMTPUTF8" in params:
             if not self.supports("smtputf8"):
@@ -199,10 +225,49 @@ class Upstream:
         size = params.get("SIZE")
         if size and self.supports("size"):
             words.append(b"SIZE=" + size.encode("ascii", "replace"))
-        return self.command(b" ".join(words))
+        return b" ".join(words)
+
+    def mail(self, sender: str, params: Mapping[str, str | None]) -> Reply:
+        """MAIL FROM (see _mail_line); nothing is sent for a 553 5.6.7."""
+        line = self._mail_line(sender, params)
+        return line if isinstance(line, Reply) else self.command(line)
 
     def rcpt(self, recipient: str) -> Reply:
-        return self.command(b"RCPT TO:<" + recipient.encode("utf-8", "surrogateescape") + b">")
+        return self.command(_rcpt_line(recipient))
+
+    def open_transaction(
+        self, sender: str, params: Mapping[str, str | None], recipients: list[str]
+    ) -> tuple[Reply, list[Reply], Reply | None]:
+        """MAIL, a RCPT per recipient and DATA, for a backup copy.
+
+        Returns the MAIL reply, the RCPT replies (one per recipient, or none
+        when MAIL failed) and the DATA reply, None when DATA was not sent or
+        there is nothing to send. In one write where the destination offers
+        PIPELINING; else one by one, stopping where a client must.
+        """
+        line = self._mail_line(sender, params)
+        if isinstance(line, Reply):
+            return line, [], None
+        if not self.supports("pipelining"):
+            mail = self.command(line)
+            if mail.code // 100 != 2:
+                return mail, [], None
+            rcpts = [self.rcpt(recipient) for recipient in recipients]
+            if not any(r.code // 100 == 2 for r in rcpts):
+                return mail, rcpts, None
+            return mail, rcpts, self.data()
+        replies = self.commands([line, *map(_rcpt_line, recipients), b"DATA"])
+        mail, rcpts, data = replies[0], replies[1:-1], replies[-1]
+        if mail.code // 100 != 2:
+            rcpts = []
+        if data.code == 354 and not any(r.code // 100 == 2 for r in rcpts):
+            # A server that took DATA without a recipient gets an empty
+            # message ended at once (RFC 2920 §3.1), which it must refuse.
+            self.command(b".")
+            data = None
+        elif data.code != 354 and not any(r.code // 100 == 2 for r in rcpts):
+            data = None
+        return mail, rcpts, data
 
     def data(self) -> Reply:
         """DATA; a 354 means content may follow."""
@@ -214,7 +279,7 @@ class Upstream:
         if smtp is None:
             raise _unavailable(self.destination, "not connected")
         try:
-            smtp.sock.sendall(content)
+            send_all(smtp.sock, content)
         except OSError as exc:
             self.abort()
             raise _unavailable(self.destination, _describe(exc)) from None
@@ -233,6 +298,10 @@ class Upstream:
 
     def rset(self) -> Reply:
         return self.command(b"RSET")
+
+
+def _rcpt_line(recipient: str) -> bytes:
+    return b"RCPT TO:<" + recipient.encode("utf-8", "surrogateescape") + b">"
 
 
 def _describe(exc: BaseException) -> str:
