@@ -75,13 +75,14 @@ class Stored:
 class Upstream:
     """An aiosmtpd server in its own process, scripted by a rules file."""
 
-    def __init__(self, directory: Path, name: str, smtputf8: bool = True) -> None:
+    def __init__(self, directory: Path, name: str, smtputf8: bool = True, pipelining: bool = True) -> None:
         self.directory = directory / name
         self.store = self.directory / "store"
         self.store.mkdir(parents=True)
         self.rules_path = self.directory / "rules.json"
         self.port_file = self.directory / "port"
         self.smtputf8 = smtputf8
+        self.pipelining = pipelining
         self.proc: subprocess.Popen | None = None
         self._port = 0
         self.set_rules()
@@ -95,6 +96,8 @@ class Upstream:
                 "--port-file", str(self.port_file)]
         if not self.smtputf8:
             args.append("--no-smtputf8")
+        if not self.pipelining:
+            args.append("--no-pipelining")
         self._port = 0
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return self
@@ -148,8 +151,8 @@ def upstreams(tmp_path):
     stopped (by PID) at teardown."""
     started: list[Upstream] = []
 
-    def make(name: str, smtputf8: bool = True, start: bool = True) -> Upstream:
-        upstream = Upstream(tmp_path, name, smtputf8)
+    def make(name: str, smtputf8: bool = True, start: bool = True, pipelining: bool = True) -> Upstream:
+        upstream = Upstream(tmp_path, name, smtputf8, pipelining)
         started.append(upstream)
         return upstream.start() if start else upstream
 

@@ -36,8 +36,9 @@ def test_primary_and_backups_receive_the_same_content(upstreams, relay):
     assert b"[127.0.0.1]" in at_primary.content
 
 
-def test_per_recipient_refusal_reaches_client_and_is_not_copied(upstreams, relay):
-    primary, backup = upstreams("primary"), upstreams("backup")
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined-backup", "lockstep-backup"])
+def test_per_recipient_refusal_reaches_client_and_is_not_copied(upstreams, relay, pipelining):
+    primary, backup = upstreams("primary"), upstreams("backup", pipelining=pipelining)
     primary.set_rules(rcpt={"nobody@example.com": "550 5.1.1 No such user here"})
     service = relay(primary.address, [backup.address])
     refused = send(service, "alice@example.com", ["bob@example.com", "nobody@example.com"])

@@ -3,7 +3,7 @@
 It runs outside the test process on purpose: the tests run under gevent's
 monkey-patching, aiosmtpd under asyncio, and the two do not share a thread.
 
-    python upstream.py --store DIR --rules FILE --port-file FILE [--no-smtputf8]
+    python upstream.py --store DIR --rules FILE --port-file FILE [--no-smtputf8] [--no-pipelining]
 
 Listens on 127.0.0.1, port 0, and writes the port to --port-file once it
 accepts connections. Each accepted message becomes DIR/<n>.json (envelope,
@@ -33,7 +33,8 @@ DATA_SIZE_LIMIT = 200 * 1024 * 1024
 
 
 class Handler:
-    def __init__(self, store: str, rules_path: str) -> None:
+    def __init__(self, store: str, rules_path: str, pipelining: bool = True) -> None:
+        self.pipelining = pipelining
         self.store = store
         self.rules_path = rules_path
         self.count = 0
@@ -45,6 +46,14 @@ class Handler:
                 return json.load(f)
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.pipelining:
+            # aiosmtpd reads pipelined commands one by one anyway; saying so
+            # lets clients (the relay's backup delivery) pipeline.
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         reply = self.rules().get("mail")
@@ -96,7 +105,7 @@ class Handler:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    handler = Handler(args.store, args.rules)
+    handler = Handler(args.store, args.rules, pipelining=not args.no_pipelining)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: SMTP(
@@ -126,6 +135,7 @@ def main() -> None:
     parser.add_argument("--rules", required=True)
     parser.add_argument("--port-file", required=True)
     parser.add_argument("--no-smtputf8", action="store_true")
+    parser.add_argument("--no-pipelining", action="store_true")
     asyncio.run(serve(parser.parse_args()))
 
 
