@@ -143,9 +143,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "run":
         config = config_module.load(path)
         _setup_logs(config)
-        from .server import run_relay
-
         try:
+            if config.smtp.workers > 1:
+                from .workers import prepare_metrics
+
+                metrics_dir = prepare_metrics()  # before prometheus_client is imported
+                from .workers import run_workers
+
+                return run_workers(config, metrics_dir, lambda: config_module.load(path))
+            from .server import run_relay
+
             return run_relay(config)
         except OSError as exc:
             raise _cannot_listen(exc, config) from None

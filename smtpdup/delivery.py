@@ -85,14 +85,21 @@ class Scheduler:
         self._wake = Event()
         self._greenlet: gevent.Greenlet | None = None
         self._stopping = False
+        self.flushes = 0  # `queue flush` requests acted upon
 
     # -- intake ---------------------------------------------------------
 
-    def load(self) -> int:
-        """Index every pending copy in the spool (at start). Returns the
+    def load(self, share: tuple[int, int] = (0, 1)) -> int:
+        """Index the pending copies in the spool (at start). ``share`` is
+        (this worker, workers): with several worker processes each takes
+        the messages whose queue id hashes to it, so none is claimed twice;
+        a new message stays with the worker that received it. Returns the
         number of copies."""
+        index, workers = share
         count = 0
         for message in self.spool.messages():
+            if workers > 1 and int(message.queue_id[-8:], 16) % workers != index:
+                continue
             for copy in message.pending():
                 heapq.heappush(self._delayed[copy.destination], (copy.next_attempt, _key(message, copy)))
                 count += 1
@@ -147,6 +154,7 @@ class Scheduler:
                 next_poll = now + POLL_SECONDS
                 if self.spool.take_flush_request():
                     self.flush()
+                    self.flushes += 1
                 self._update_gauges(now)
             self._promote(now)
             self._dispatch()

@@ -52,10 +52,13 @@ CONNECTIONS = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+# multiprocess_mode: how gauges of several worker processes (smtp.workers)
+# add up; ignored with one process.
 ACTIVE_SESSIONS = Gauge(
     "smtpdup_active_sessions",
     "Inbound SMTP sessions open now",
     registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
 TRANSACTIONS = Counter(
     "smtpdup_transactions",
@@ -89,11 +92,13 @@ SPOOL_COPIES = Gauge(
     "Backup copies in the spool by state: pending, dead",
     ["state"],
     registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
 SPOOL_OLDEST_AGE = Gauge(
     "smtpdup_spool_oldest_age_seconds",
     "Age of the oldest pending backup copy (0 when none is pending)",
     registry=REGISTRY,
+    multiprocess_mode="livemax",
 )
 
 # Series that exist from the start read 0 instead of being absent, so that
@@ -134,8 +139,12 @@ def serve(
     listen: HostPort,
     ready: Callable[[], bool],
     healthy: Callable[[], bool] = lambda: True,
+    registry: Any = None,
 ) -> gevent.pywsgi.WSGIServer:
     """Start serving ``/metrics``, ``/healthz`` and ``/readyz`` on ``listen``.
+
+    ``registry`` defaults to this module's REGISTRY; the supervisor of
+    several workers passes one that collects every worker's values.
 
     ``/healthz`` answers 200 "ok" while ``healthy()`` is true, else 503;
     ``/readyz`` answers 200 "ready" while ``ready()`` is true, else 503
@@ -149,7 +158,7 @@ def serve(
     host = listen.host
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]  # gevent wants a bare IPv6 address
-    app = _App(ready=ready, healthy=healthy)
+    app = _App(ready=ready, healthy=healthy, registry=registry)
     # log=None: no access log (scrapes every few seconds are noise);
     # error_log: gevent wraps a Logger and logs at ERROR.
     server = gevent.pywsgi.WSGIServer((host, listen.port), app, log=None, error_log=logs.get("metrics.http"))
@@ -161,7 +170,8 @@ def serve(
 class _App:
     """The WSGI application behind ``serve``."""
 
-    def __init__(self, ready: Callable[[], bool], healthy: Callable[[], bool]) -> None:
+    def __init__(self, ready: Callable[[], bool], healthy: Callable[[], bool], registry: Any = None) -> None:
+        self._registry = REGISTRY if registry is None else registry
         self._ready = ready
         self._healthy = healthy
         self._routes: dict[str, Callable[[], tuple[str, str, bytes]]] = {
@@ -190,7 +200,7 @@ class _App:
         return [b""] if method == "HEAD" else [body]
 
     def _metrics(self) -> tuple[str, str, bytes]:
-        return "200 OK", CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
+        return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self._registry)
 
     def _healthz(self) -> tuple[str, str, bytes]:
         if _ask(self._healthy, "healthz"):

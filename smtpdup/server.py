@@ -182,13 +182,27 @@ class RelayService:
     metrics endpoint. ``run_relay`` drives it from signals; tests drive it
     directly."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        listener: socket.socket | None = None,
+        share: tuple[int, int] = (0, 1),
+        serve_metrics: bool = True,
+    ) -> None:
+        """``listener``, ``share`` and ``serve_metrics`` are for a worker
+        process (see workers.py): an inherited listening socket, its share
+        of the pending copies, and no metrics endpoint of its own (the
+        supervisor serves every worker's). A single process recovers the
+        spool itself; workers find it recovered by the supervisor."""
         self.config = config
         self.spool = Spool(config.relay.spool_dir)
-        self.recovered_files = self.spool.recover()
+        self.recovered_files = self.spool.recover() if share == (0, 1) else 0
+        self.share = share
+        self.serve_metrics = serve_metrics
         self.scheduler = Scheduler(config, self.spool)
         self.relay = Relay(config, self.spool, self.scheduler.submit)
-        self.server = SmtpServer(config, self.relay.session)
+        self.server = SmtpServer(config, self.relay.session, listener=listener)
         self.draining = False
         self._http = None
 
@@ -198,11 +212,11 @@ class RelayService:
 
     def start(self) -> None:
         """Load the pending copies, then listen and deliver."""
-        pending = self.scheduler.load()
+        pending = self.scheduler.load(self.share)
         config = self.config
         metrics.declare_destinations(b.name for b in config.relay.destination_backups)
         self.server.start()
-        if config.metrics.listen is not None:
+        if config.metrics.listen is not None and self.serve_metrics:
             try:
                 self._http = metrics.serve(config.metrics.listen, ready=lambda: not self.draining)
             except OSError:

@@ -681,6 +681,7 @@ class Spool:
                 _unlink(probe)
         except OSError as exc:
             raise SpoolError(f"spool: {self.directory} is not writable: {exc}") from None
+        self._flush_seen = self._flush_stamp()  # requests before we started are not ours
         # Files of settled messages, kept for reuse (see _retire).
         self._free: deque[str] = deque(sorted(os.listdir(self._free_dir))[:FREE_FILES_MAX])
 
@@ -1113,13 +1114,32 @@ class Spool:
         )
 
     def request_flush(self) -> None:
-        """Ask the running relay to make every pending copy due now."""
-        fd = os.open(self._flush, os.O_WRONLY | os.O_CREAT | _O_CLOEXEC, FILE_MODE)
-        os.close(fd)
+        """Ask the running relay (every worker process of it) to make every
+        pending copy due now: the flush file is replaced by a new one."""
+        tmp_path = os.path.join(self._tmp, f"flush.{secrets.token_hex(4)}")
+        fd = os.open(tmp_path, _NEW_FILE_FLAGS, FILE_MODE)
+        try:
+            os.write(fd, b"%d\n" % time.time_ns())
+        finally:
+            os.close(fd)
+        os.rename(tmp_path, self._flush)
+
+    def _flush_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self._flush)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns
 
     def take_flush_request(self) -> bool:
-        """True (and the request is consumed) if a flush was requested. One syscall."""
-        return _unlink(self._flush)
+        """True once per flush requested since this Spool was made (or
+        since the last True). The file stays, so that every process that
+        watches it sees each request. One stat."""
+        stamp = self._flush_stamp()
+        if stamp is None or stamp == self._flush_seen:
+            return False
+        self._flush_seen = stamp
+        return True
 
     # -- recovery --
 

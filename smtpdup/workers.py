@@ -1,0 +1,196 @@
+"""Several relay processes on one listening socket (``smtp.workers`` > 1).
+
+CPython runs one core per process; a relay process spends its CPU on
+parsing and on syscalls, so a second process on a second core nearly
+doubles what a machine relays. The supervisor here
+
+* binds ``smtp.listen`` once and recovers the spool once (before any
+  worker exists, so no worker's files in ``tmp/`` are ever taken for a
+  crash's leftovers);
+* forks the workers: each is a full relay (``RelayService``) on the
+  inherited socket, with its own scheduler and its own share of the pending
+  copies (by queue id), so no copy is claimed twice; a message stays with
+  the worker that received it;
+* serves ``/metrics`` (every worker's values, summed through
+  prometheus_client's multiprocess mode), ``/healthz`` and ``/readyz``;
+* forwards SIGTERM/SIGINT (drain) and SIGHUP (reload, after checking the
+  new configuration itself), restarts a worker that died, and exits 0 once
+  every worker has drained.
+
+``prepare_metrics`` must run before prometheus_client is first imported.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+
+import gevent
+from gevent.event import Event
+
+from . import logs
+from .config import Config, ConfigError
+
+log = logs.get("workers")
+
+# How often the supervisor looks for workers that exited.
+REAP_INTERVAL_SECONDS = 0.2
+# A worker that dies is started again after this pause.
+RESTART_DELAY_SECONDS = 1.0
+# Beyond the drain grace, how long a worker may take to exit before SIGKILL.
+EXIT_MARGIN_SECONDS = 15.0
+LISTEN_BACKLOG = 1024
+
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def prepare_metrics() -> str:
+    """Point prometheus_client at a fresh directory for the workers' values;
+    returns it. Call before anything imports prometheus_client."""
+    directory = tempfile.mkdtemp(prefix="smtpdup-metrics-")
+    os.environ[_MULTIPROC_ENV] = directory
+    return directory
+
+
+def _listen(config: Config) -> socket.socket:
+    listen = config.smtp.listen
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((listen.host, listen.port))
+    sock.listen(LISTEN_BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+def _worker(config: Config, listener: socket.socket, index: int, count: int,
+            load_config: Callable[[], Config]) -> None:
+    """The body of a worker process; never returns."""
+    from .server import RelayService
+
+    status = 1
+    try:
+        service = RelayService(config, listener=listener, share=(index, count), serve_metrics=False)
+        service.start()
+        stop = Event()
+
+        def reload() -> None:
+            try:
+                service.reload(load_config())
+            except ConfigError as exc:
+                log.error("reload_failed", extra={"error": str(exc), "worker": index})
+
+        gevent.signal_handler(signal.SIGTERM, stop.set)
+        gevent.signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
+        gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
+        stop.wait()
+        service.stop()
+        status = 0
+    except Exception:
+        log.exception("worker_failed", extra={"worker": index})
+    finally:
+        os._exit(status)
+
+
+def run_workers(config: Config, metrics_dir: str, load_config: Callable[[], Config]) -> int:
+    """Supervise ``config.smtp.workers`` relay processes until SIGTERM;
+    returns the exit status. Raises OSError if the address cannot be bound,
+    SpoolError if the spool is unusable."""
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    from . import metrics
+    from .server import raise_fd_limit
+    from .spool import Spool
+
+    raise_fd_limit()
+    listener = _listen(config)
+    removed = Spool(config.relay.spool_dir).recover()
+    count = config.smtp.workers
+    children: dict[int, int] = {}  # pid -> worker index
+    inherited: list = []  # the supervisor's signal watchers and metrics server
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            # A worker restarted later must not act on the supervisor's
+            # signals nor answer its metrics scrapes.
+            for thing in inherited:
+                thing.close() if hasattr(thing, "server_port") else thing.cancel()
+            _worker(state["config"], listener, index, count, load_config)
+        children[pid] = index
+
+    state = {"draining": False, "config": config}
+
+    for index in range(count):
+        spawn(index)
+    log.info("workers_started", extra={
+        "workers": count, "pids": sorted(children), "recovered_files": removed,
+        "address": f"{config.smtp.listen.host}:{listener.getsockname()[1]}",
+    })
+
+    http = None
+    if config.metrics.listen is not None:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=metrics_dir)
+        http = metrics.serve(config.metrics.listen, ready=lambda: not state["draining"], registry=registry)
+        inherited.append(http)
+
+    def terminate() -> None:
+        if state["draining"]:
+            return
+        state["draining"] = True
+        log.info("draining", extra={"workers": sorted(children)})
+        for pid in list(children):
+            _signal(pid, signal.SIGTERM)
+
+    def reload() -> None:
+        try:
+            state["config"] = load_config()
+        except ConfigError as exc:
+            log.error("reload_failed", extra={"error": str(exc)})
+            return
+        for pid in list(children):
+            _signal(pid, signal.SIGHUP)
+
+    inherited.append(gevent.signal_handler(signal.SIGTERM, terminate))
+    inherited.append(gevent.signal_handler(signal.SIGINT, terminate))
+    inherited.append(gevent.signal_handler(signal.SIGHUP, reload))
+
+    deadline = None
+    while children:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            if state["draining"]:
+                grace = state["config"].smtp.shutdown_grace_seconds
+                deadline = deadline or time.monotonic() + grace + EXIT_MARGIN_SECONDS
+                if time.monotonic() > deadline:
+                    for child in list(children):
+                        _signal(child, signal.SIGKILL)
+            gevent.sleep(REAP_INTERVAL_SECONDS)
+            continue
+        index = children.pop(pid, None)
+        multiprocess.mark_process_dead(pid, metrics_dir)
+        if index is None:
+            continue
+        if not state["draining"]:
+            log.error("worker_died", extra={"worker": index, "pid": pid, "status": status})
+            gevent.sleep(RESTART_DELAY_SECONDS)
+            spawn(index)
+    if http is not None:
+        http.stop(timeout=1)
+    listener.close()
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    log.info("stopped", extra={"workers": count})
+    return 0
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass

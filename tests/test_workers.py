@@ -1,0 +1,148 @@
+"""smtp.workers > 1: several relay processes on one socket, as a whole.
+
+The relay runs as `python -m smtpdup` in its own process group; upstreams
+are aiosmtpd processes. Each message carries smtpdup's Received header with
+its queue id, which shows whether anything arrived twice."""
+
+import json
+import os
+import re
+import signal
+import smtplib
+import subprocess
+import sys
+import urllib.request
+
+import gevent
+import pytest
+from conftest import ROOT, START_TIMEOUT, free_port, relay_environ, wait_until
+
+QUEUE_ID = re.compile(rb"\bid ([0-9a-f]{20});")
+NEVER = {"relay_retry_initial_seconds": 3600, "relay_retry_max_interval_seconds": 3600}
+
+
+class Relay:
+    def __init__(self, environ: dict[str, str]) -> None:
+        self.environ = {k: v for k, v in os.environ.items() if not k.startswith("SMTP_DUP_")}
+        self.environ.update(environ)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Relay":
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "smtpdup"], env=self.environ, cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        )
+        host, port = self.address
+        wait_until(lambda: _listening(host, port) or self.proc.poll() is not None, START_TIMEOUT,
+                   what="the relay to listen")
+        assert self.proc.poll() is None, self.proc.stderr.read().decode()
+        return self
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, _, port = self.environ["SMTP_DUP_SMTP_LISTEN"].rpartition(":")
+        return host, int(port)
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        """Signal the supervisor (SIGKILL: the whole process group) and wait."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        if signum == signal.SIGKILL:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        else:
+            os.kill(self.proc.pid, signum)
+        return self.proc.wait(timeout=60)
+
+    def kill_all(self) -> None:
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=START_TIMEOUT)
+
+
+def _listening(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def relays():
+    started: list[Relay] = []
+
+    def make(environ):
+        relay = Relay(environ)
+        started.append(relay)
+        return relay.start()
+
+    yield make
+    for relay in started:
+        relay.kill_all()
+
+
+def send_many(address, connections: int, per_connection: int) -> None:
+    def session(n: int) -> None:
+        with smtplib.SMTP(*address, timeout=30) as smtp:
+            for i in range(per_connection):
+                body = f"Subject: {n}-{i}\r\n\r\nmessage {n}-{i}\r\n".encode()
+                assert smtp.sendmail("alice@example.com", ["bob@example.com"], body) == {}
+
+    gevent.joinall([gevent.spawn(session, n) for n in range(connections)], raise_error=True)
+
+
+def queue_ids(upstream) -> list[bytes]:
+    return [QUEUE_ID.search(m.content).group(1) for m in upstream.messages()]
+
+
+def test_two_workers_relay_everything_once_and_sum_their_metrics(upstreams, relays, tmp_path):
+    primary, backup = upstreams("primary"), upstreams("backup")
+    metrics_port = free_port()
+    environ = relay_environ(tmp_path, primary.address, [backup.address], smtp_workers=2,
+                            smtp_listen=f"127.0.0.1:{free_port()}", metrics_listen=f"127.0.0.1:{metrics_port}",
+                            log_level="info")
+    relay = relays(environ)
+    send_many(relay.address, connections=8, per_connection=5)
+    primary.wait_for(40)
+    backup.wait_for(40)
+    assert sorted(queue_ids(primary)) == sorted(set(queue_ids(primary)))
+    assert sorted(queue_ids(backup)) == sorted(queue_ids(primary))
+    scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    assert 'smtpdup_transactions_total{outcome="accepted"} 40.0' in scrape
+    wait_until(lambda: 'outcome="delivered"} 40.0' in urllib.request.urlopen(
+        f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode(), what="40 deliveries counted")
+    assert relay.stop() == 0
+    stderr = relay.proc.stderr.read().decode()
+    [started] = [json.loads(line) for line in stderr.splitlines() if '"workers_started"' in line]
+    assert len(started["pids"]) == 2
+
+
+def test_workers_share_the_backlog_without_double_delivery(upstreams, relays, tmp_path):
+    primary, backup = upstreams("primary"), upstreams("backup")
+    backup.set_rules(mail="451 4.3.2 down for maintenance")
+    listen = f"127.0.0.1:{free_port()}"
+    environ = relay_environ(tmp_path, primary.address, [backup.address], smtp_workers=2,
+                            smtp_listen=listen, **NEVER)
+    relay = relays(environ)
+    send_many(relay.address, connections=4, per_connection=5)
+    spool = tmp_path / "spool" / "msg"
+    wait_until(lambda: len([n for n in os.listdir(spool) if n.endswith(".state")]) == 20,
+               what="20 copies deferred")
+    assert relay.stop(signal.SIGKILL) == -signal.SIGKILL
+
+    backup.set_rules()
+    relay = relays(environ)
+    cli_env = {k: v for k, v in relay.environ.items()}
+    result = subprocess.run([sys.executable, "-m", "smtpdup", "queue", "flush"], env=cli_env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    backup.wait_for(20, timeout=30)
+    wait_until(lambda: not os.listdir(spool), what="the spool to empty")
+    assert sorted(queue_ids(backup)) == sorted(queue_ids(primary))
+    assert len(set(queue_ids(backup))) == 20
+    assert relay.stop() == 0
