@@ -55,6 +55,8 @@ POLL_SECONDS = 1.0
 # just written and is in the page cache. Older ones are read in the
 # threadpool, as reading them may wait for the disk.
 FRESH_SECONDS = 60.0
+# How often the dead letters are counted for the smtpdup_spool_copies gauge.
+DEAD_COUNT_SECONDS = 10.0
 # Content is read from the spool and sent in blocks of this size.
 READ_BLOCK_BYTES = 64 * 1024
 
@@ -86,6 +88,8 @@ class Scheduler:
         self._greenlet: gevent.Greenlet | None = None
         self._stopping = False
         self.flushes = 0  # `queue flush` requests acted upon
+        self._share = (0, 1)
+        self._next_dead_count = 0.0
 
     # -- intake ---------------------------------------------------------
 
@@ -96,6 +100,7 @@ class Scheduler:
         a new message stays with the worker that received it. Returns the
         number of copies."""
         index, workers = share
+        self._share = share
         count = 0
         for message in self.spool.messages():
             if workers > 1 and int(message.queue_id[-8:], 16) % workers != index:
@@ -392,6 +397,7 @@ class Scheduler:
             deferred = []
         if dead:
             metrics.BACKUP_DELIVERIES.labels(dest, "dead").inc()
+            self._next_dead_count = 0.0  # recount at the next poll
         copy.recipients = list(deferred)
         outcome = "delivered" if not dead else "dead"
         if deferred:
@@ -477,6 +483,13 @@ class Scheduler:
             default=now,
         )
         metrics.SPOOL_OLDEST_AGE.set(max(0.0, now - oldest))
+        if self._share[0] == 0 and now >= self._next_dead_count:
+            # Dead letters belong to no worker: the first one counts them all.
+            self._next_dead_count = now + DEAD_COUNT_SECONDS
+            try:
+                metrics.SPOOL_COPIES.labels("dead").set(blocking(self.spool.dead_count))
+            except OSError:
+                pass
 
     def pending_count(self) -> int:
         return (

@@ -1054,6 +1054,14 @@ class Spool:
         found.sort(key=lambda item: (item[1], item[2]))
         return found
 
+    def dead_count(self) -> int:
+        """How many dead letters there are (one directory listing)."""
+        try:
+            with os.scandir(self._dead) as entries:
+                return sum(1 for entry in entries if entry.name.endswith(".json"))
+        except FileNotFoundError:
+            return 0
+
     def dead_letters(self) -> Iterator[DeadLetter]:
         """Every dead letter, in id order (a directory scan: not for hot paths)."""
         for dead_id, queue_id, index in self._dead_ids():

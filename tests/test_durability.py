@@ -642,3 +642,17 @@ def test_copy_expires_after_retry_max_age(upstreams, relay, tmp_path):
     assert dead["recipients"] == ["bob@example.com"]
     assert [e["state"] for e in queue_list(environ)] == ["dead"]
     assert backup.count() == 0
+
+
+def test_spool_gauges_count_pending_and_dead_copies(upstreams, relay):
+    from smtpdup import metrics
+
+    primary, backup = upstreams("primary"), upstreams("backup")
+    backup.set_rules(rcpt={"gone@example.com": "550 5.1.1 no such user"}, mail=None)
+    service = relay(primary.address, [backup.address], **NEVER)
+    assert send(service.address, ["gone@example.com"], "dead") == {}
+    wait_until(lambda: metrics.SPOOL_COPIES.labels("dead")._value.get() >= 1, what="the dead gauge")
+    backup.set_rules(mail=DOWN)
+    assert send(service.address, ["bob@example.com"], "pending") == {}
+    wait_until(lambda: metrics.SPOOL_COPIES.labels("pending")._value.get() == 1, what="the pending gauge")
+    wait_until(lambda: metrics.SPOOL_OLDEST_AGE._value.get() > 0, what="the oldest-age gauge")
