@@ -1,6 +1,7 @@
 """The relay end to end: a real client, the relay in this process, real
 upstream servers (aiosmtpd processes) on 127.0.0.1."""
 
+import contextlib
 import smtplib
 import socket
 import ssl
@@ -110,6 +111,16 @@ def read_replies(sock, count, timeout=10.0):
     return finals
 
 
+@contextlib.contextmanager
+def in_data(service):
+    """A raw client connection that has just been told 354."""
+    with socket.create_connection(service.address) as sock:
+        read_replies(sock, 1)
+        sock.sendall(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+        assert read_replies(sock, 4)[-1][:3] == b"354"
+        yield sock
+
+
 def test_pipelined_transaction_in_one_write(upstreams, relay):
     primary = upstreams("primary")
     service = relay(primary.address)
@@ -150,10 +161,7 @@ def test_ehlo_and_quit_cause_no_upstream_connection(relay):
 def test_client_gone_mid_data_leaves_nothing_anywhere(upstreams, relay):
     primary, backup = upstreams("primary"), upstreams("backup")
     service = relay(primary.address, [backup.address])
-    with socket.create_connection(service.address) as sock:
-        read_replies(sock, 1)
-        sock.sendall(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
-        read_replies(sock, 4)
+    with in_data(service) as sock:
         sock.sendall(b"Subject: cut\r\n\r\nhalf a message\r\n")
     wait_until(lambda: not service.server.sessions, what="the session to end")
     send(service, "a@example.com", ["b@example.com"], b"Subject: whole\r\n\r\nwhole\r\n")
@@ -230,10 +238,7 @@ def test_smtputf8_message_for_a_primary_without_it_gets_553(upstreams, relay):
 def test_bare_newlines_are_normalized_for_every_destination(upstreams, relay):
     primary, backup = upstreams("primary"), upstreams("backup")
     service = relay(primary.address, [backup.address])
-    with socket.create_connection(service.address) as sock:
-        read_replies(sock, 1)
-        sock.sendall(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
-        read_replies(sock, 4)
+    with in_data(service) as sock:
         sock.sendall(b"Subject: lf\r\n\r\nbare\nline\n.\nnot the end\r\n.\r\n")
         assert read_replies(sock, 1)[0][:3] == b"250"
     for upstream in (primary, backup):
@@ -244,10 +249,7 @@ def test_bare_newlines_are_normalized_for_every_destination(upstreams, relay):
 def test_bare_newlines_rejected_when_configured(upstreams, relay):
     primary = upstreams("primary")
     service = relay(primary.address, smtp_bare_newline="reject")
-    with socket.create_connection(service.address) as sock:
-        read_replies(sock, 1)
-        sock.sendall(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
-        read_replies(sock, 4)
+    with in_data(service) as sock:
         sock.sendall(b"Subject: lf\r\n\r\nbare\nline\r\n.\r\n")
         assert read_replies(sock, 1)[0][:9] == b"550 5.5.2"
     send(service, "a@example.com", ["b@example.com"], b"Subject: ok\r\n\r\nok\r\n")
