@@ -170,6 +170,8 @@ class Relay:
 class RelaySession:
     """The backend of one client session (see ``session.Backend``)."""
 
+    __slots__ = ("relay", "client_ip", "helo", "esmtp", "tls", "_primary", "_txn")
+
     def __init__(self, relay: Relay, client_ip: str) -> None:
         self.relay = relay
         self.client_ip = client_ip

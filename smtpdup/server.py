@@ -4,7 +4,7 @@
 only from ``smtp.allowed_networks`` (554 5.7.1 otherwise) and below
 ``smtp.max_connections`` (421 4.7.0 otherwise), answering those itself:
 ``spawn=Pool(n)`` would silently stop accepting instead. Sessions run in
-an unbounded pool so that a drain can wait for them and then end them.
+plain greenlets, tracked so that a drain can wait for them and then end them.
 
 :func:`run_relay` wires a whole relay process: spool, scheduler, server,
 metrics endpoint and signals (SIGTERM/SIGINT drain, SIGHUP reload).
@@ -21,7 +21,6 @@ from collections.abc import Callable
 
 import gevent
 from gevent.event import Event
-from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from . import config as config_module
@@ -83,10 +82,11 @@ class SmtpServer:
         self.draining = False
         self.reconfigure(config)
         listen = config.smtp.listen
+        # Plain greenlets: a Pool would cost each idle session ~800 bytes,
+        # and ``sessions`` already tracks them for the drain.
         self._server = StreamServer(
             listener if listener is not None else (listen.host, listen.port),
             self._handle,
-            spawn=Pool(None),
         )
 
     def reconfigure(self, config: Config) -> None:

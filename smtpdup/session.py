@@ -60,6 +60,11 @@ class Drain(BaseException):
 
 
 class Session:
+    __slots__ = (
+        "sock", "client_ip", "backend", "proto", "idle_timeout_seconds", "tls_context",
+        "draining", "idle", "in_transaction", "_start_tls",
+    )
+
     def __init__(
         self,
         sock: socket.socket,
@@ -80,6 +85,7 @@ class Session:
         self.draining = False
         self.idle = False  # blocked on a read with no transaction open
         self.in_transaction = False
+        self._start_tls = False
 
     def run(self) -> None:
         """Serve the connection until QUIT, close, timeout or drain."""
@@ -137,8 +143,6 @@ class Session:
             finally:
                 self.idle = False
             proto.receive_data(data)
-
-    _start_tls = False
 
     def _dispatch(self, event: object) -> bytes:
         """Hand one event to the backend; returns reply bytes, if any."""
