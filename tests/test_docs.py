@@ -27,7 +27,8 @@ def table_row(setting) -> str:
 
 def test_readme_configuration_table_matches_the_key_table():
     readme = (ROOT / "README.md").read_text()
-    rows = [line for line in readme.splitlines() if line.startswith("| `") and "." in line.split("`")[1]
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `") and "." in line.split("`")[1]
             and line.split("`")[1].split(".")[0] in {"smtp", "relay", "metrics", "log"}]
     assert rows == [table_row(s) for s in KEYS]
 
