@@ -106,8 +106,11 @@ _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # Files in tmp/ opened ahead of time for messages to come (Spool.prepare).
 BLANK_PREFIX = "_"
 
-# Settled message files kept under free/ for reuse by new messages.
+# Settled message files kept under free/ for reuse by new messages: at most
+# this many per process, none larger than FREE_FILE_MAX_BYTES (a large one
+# would hold its disk space until reused).
 FREE_FILES_MAX = 4096
+FREE_FILE_MAX_BYTES = 1024 * 1024
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC
 _APPEND_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | _O_CLOEXEC
@@ -782,7 +785,8 @@ class Spool:
         """
         if len(self._free) < FREE_FILES_MAX:
             try:
-                if os.stat(path).st_nlink == 1:
+                st = os.stat(path)
+                if st.st_nlink == 1 and st.st_size <= FREE_FILE_MAX_BYTES:
                     name = os.path.basename(path)
                     os.rename(path, os.path.join(self._free_dir, name))
                     self._free.append(name)
@@ -1183,6 +1187,11 @@ class Spool:
             for entry in entries:
                 if entry.is_file(follow_symlinks=False) and _unlink(entry.path):
                     removed += 1
+        # Several worker processes may have kept more free files than one
+        # process reuses: the rest would never be reused nor removed.
+        for name in sorted(os.listdir(self._free_dir))[FREE_FILES_MAX:]:
+            removed += _unlink(os.path.join(self._free_dir, name))
+        self._free = deque(sorted(os.listdir(self._free_dir)))
         messages: set[str] = set()
         states: list[str] = []
         with os.scandir(self._msg) as entries:

@@ -701,3 +701,47 @@ def test_spool_imports_only_stdlib():
         for alias in node.names
     }
     assert modules <= set(sys.stdlib_module_names) | {"__future__"}
+
+
+# --- reuse of settled files ---------------------------------------------------------
+
+
+def _settle(spool, message):
+    for copy in message.copies:
+        copy.settled = True
+    spool.save(message)
+
+
+def test_settled_files_are_reused_and_overwritten_to_the_exact_length(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    first = spool.create(Envelope(new_queue_id(), "a@x", ("b@y",), "127.0.0.1"), [Target("d", ("b@y",))])
+    first.write(b"x" * 5000 + b"\r\n")
+    first.commit()
+    _settle(spool, first.message())
+    assert len(os.listdir(tmp_path / "spool" / "free")) == 1
+    second = spool.create(Envelope(new_queue_id(), "c@x", ("d@y",), "127.0.0.1"), [Target("d", ("d@y",))])
+    second.write(b"short\r\n")
+    second.commit()
+    assert os.listdir(tmp_path / "spool" / "free") == []
+    [message] = list(spool.messages())
+    with spool.open_content(message) as f:
+        assert f.read() == b"short\r\n"  # nothing of the longer old content is left
+
+
+def test_large_or_linked_files_are_not_kept_for_reuse(tmp_path):
+    from smtpdup.spool import FREE_FILE_MAX_BYTES
+
+    spool = Spool(tmp_path / "spool")
+    big = spool.create(Envelope(new_queue_id(), "a@x", ("b@y",), "127.0.0.1"), [Target("d", ("b@y",))])
+    big.write(b"x" * FREE_FILE_MAX_BYTES + b"\r\n")
+    big.commit()
+    _settle(spool, big.message())
+    dead = spool.create(Envelope(new_queue_id(), "a@x", ("b@y",), "127.0.0.1"), [Target("d", ("b@y",))])
+    dead.write(b"dead\r\n")
+    dead.commit()
+    message = dead.message()
+    spool.dead_letter(message, message.copies[0], ["b@y"], "550 5.1.1 no", time.time())
+    _settle(spool, message)
+    assert os.listdir(tmp_path / "spool" / "free") == []
+    [letter] = list(spool.dead_letters())
+    assert letter.reason == "550 5.1.1 no"
