@@ -34,7 +34,6 @@ import argparse
 import fnmatch
 import grp
 import json
-import math
 import os
 import platform
 import pwd

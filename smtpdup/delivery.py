@@ -23,24 +23,23 @@ from __future__ import annotations
 import heapq
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator
-from typing import BinaryIO, TypeVar
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import gevent
 from gevent.event import Event
 from gevent.pool import Pool
 
 from . import logs, metrics
+from .blocking import Batch, blocking, each
 from .config import Config, Destination
 from .reply import Reply
-from .blocking import Batch, blocking, each
 from .spool import Copy, Message, Spool
 from .upstream import Upstream, UpstreamError
 
 log = logs.get("delivery")
 
-T = TypeVar("T")
 
 # Copies due now kept in memory per destination (each pins its Message);
 # beyond this, due copies wait in the on-disk backlog's index until the

@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-
 # RFC 3463: class.subject.detail, class 2, 4 or 5, subject and detail up to
 # three digits. Followed by a space or by the end of the line.
 _ENHANCED_CODE = re.compile(r"([245]\.\d{1,3}\.\d{1,3})(?: +|$)")

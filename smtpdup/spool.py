@@ -55,15 +55,15 @@ delivery code). ``deleted``: an operator removed a pending copy.
 from __future__ import annotations
 
 import calendar
-import json
 import errno
 import itertools
+import json
 import os
-from collections import deque
 import re
 import secrets
 import time
 import weakref
+from collections import deque
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Mapping, Sequence
 
