@@ -898,6 +898,7 @@ class Spool:
         """
         queue_id = message.queue_id
         state_path = self._state_path(queue_id)
+        settled_elsewhere = False
         if not all(c.settled for c in message.copies):
             try:
                 on_disk = _decode_state(_read_small(state_path), [
@@ -908,11 +909,16 @@ class Spool:
             for c in message.copies:
                 recorded = on_disk.get(c.index)
                 if recorded is not None and recorded.settled and not c.settled:
-                    c.settled = True
+                    c.settled = settled_elsewhere = True
         if all(c.settled for c in message.copies):
             # Message first: if we crash in between, an orphan state file is
             # harmless and recover() removes it.
-            self._retire(self._msg_path(queue_id))
+            if settled_elsewhere:
+                # A copy deleted by `queue delete` may be in flight still,
+                # reading this file: it must not be reused (overwritten).
+                _unlink(self._msg_path(queue_id))
+            else:
+                self._retire(self._msg_path(queue_id))
             _unlink(state_path)
             return
         tmp_path = os.path.join(self._tmp, f"{queue_id}.state.{secrets.token_hex(4)}")
