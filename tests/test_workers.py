@@ -22,21 +22,26 @@ NEVER = {"relay_retry_initial_seconds": 3600, "relay_retry_max_interval_seconds"
 
 
 class Relay:
-    def __init__(self, environ: dict[str, str]) -> None:
+    def __init__(self, environ: dict[str, str], log_path) -> None:
         self.environ = {k: v for k, v in os.environ.items() if not k.startswith("SMTP_DUP_")}
         self.environ.update(environ)
+        self.log_path = log_path  # stderr goes to a file: a full pipe would stall the relay
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Relay":
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "smtpdup"], env=self.environ, cwd=ROOT,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-        )
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "smtpdup"], env=self.environ, cwd=ROOT,
+                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+            )
         host, port = self.address
         wait_until(lambda: _listening(host, port) or self.proc.poll() is not None, START_TIMEOUT,
                    what="the relay to listen")
-        assert self.proc.poll() is None, self.proc.stderr.read().decode()
+        assert self.proc.poll() is None, self.log()
         return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     @property
     def address(self) -> tuple[str, int]:
@@ -73,11 +78,11 @@ def _listening(host: str, port: int) -> bool:
 
 
 @pytest.fixture
-def relays():
+def relays(tmp_path):
     started: list[Relay] = []
 
     def make(environ):
-        relay = Relay(environ)
+        relay = Relay(environ, tmp_path / f"relay-{len(started)}.log")
         started.append(relay)
         return relay.start()
 
@@ -117,8 +122,7 @@ def test_two_workers_relay_everything_once_and_sum_their_metrics(upstreams, rela
     wait_until(lambda: 'outcome="delivered"} 40.0' in urllib.request.urlopen(
         f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode(), what="40 deliveries counted")
     assert relay.stop() == 0
-    stderr = relay.proc.stderr.read().decode()
-    [started] = [json.loads(line) for line in stderr.splitlines() if '"workers_started"' in line]
+    [started] = [json.loads(line) for line in relay.log().splitlines() if '"workers_started"' in line]
     assert len(started["pids"]) == 2
 
 
@@ -145,4 +149,42 @@ def test_workers_share_the_backlog_without_double_delivery(upstreams, relays, tm
     wait_until(lambda: not os.listdir(spool), what="the spool to empty")
     assert sorted(queue_ids(backup)) == sorted(queue_ids(primary))
     assert len(set(queue_ids(backup))) == 20
+    assert relay.stop() == 0
+
+
+def _children(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return {int(p) for p in f.read().split()}
+
+
+def test_a_worker_that_dies_is_replaced_and_reload_reaches_every_worker(upstreams, relays, tmp_path):
+    primary, backup, second = upstreams("primary"), upstreams("backup"), upstreams("second")
+    config = tmp_path / "relay.yaml"
+    config.write_text(f"relay:\n  destination_backups: [{backup.address!r}]\n")
+    environ = relay_environ(tmp_path, primary.address, smtp_workers=2, smtp_listen=f"127.0.0.1:{free_port()}")
+    del environ["SMTP_DUP_RELAY_DESTINATION_BACKUPS"]
+    environ["SMTP_DUP_CONFIG"] = str(config)
+    relay = relays(environ)
+    supervisor = relay.proc.pid
+    workers = wait_until(lambda: len(_children(supervisor)) == 2 and _children(supervisor), what="two workers")
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: victim not in _children(supervisor) and len(_children(supervisor)) == 2,
+               what="the dead worker replaced")
+    send_many(relay.address, connections=4, per_connection=2)
+    backup.wait_for(8)
+
+    # SIGHUP: the new backup list reaches both workers (the supervisor
+    # checks it first). The relay logs each worker's reload.
+    config.write_text(f"relay:\n  destination_backups: [{second.address!r}]\n")
+    os.kill(supervisor, signal.SIGHUP)
+
+    def reloads() -> int:
+        return relay.log().count('"reloaded"')
+
+    wait_until(lambda: reloads() >= 2, what="both workers reloaded")
+    before = backup.count()
+    send_many(relay.address, connections=4, per_connection=2)
+    second.wait_for(8)
+    assert backup.count() == before
     assert relay.stop() == 0
