@@ -7,15 +7,17 @@ slow backup pushes back on the scheduler, never on a client.
 
 Per destination it keeps a short queue of copies that are due now; workers
 in the pool take copies from it and carry as many as they can over one
-SMTP session (RSET between failures), lingering briefly for more. A
-destination that cannot be reached defers every copy queued for it at
-once, without a connection attempt each.
+SMTP session (envelope pipelined where the backup offers PIPELINING, RSET
+after failures), lingering briefly for more. A destination that cannot be
+reached defers every copy queued for it at once, without a connection
+attempt each.
 
 Outcomes, per recipient of a copy: 2xx delivered; 4xx, timeouts and
 connection errors deferred with exponential backoff until
 ``retry_max_age_seconds``; 5xx and expiry dead-lettered with the reply.
-The state is saved after every attempt; a copy whose attempt was cut by a
-crash is simply tried again (at-least-once).
+Outcomes are journalled and saved in the threadpool, in batches; a full
+delivery while sibling copies are still under way writes no state. A copy
+whose attempt was cut by a crash is simply tried again (at-least-once).
 """
 
 from __future__ import annotations
