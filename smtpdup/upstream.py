@@ -309,5 +309,7 @@ def _describe(exc: BaseException) -> str:
         return "timed out"
     if isinstance(exc, smtplib.SMTPServerDisconnected):
         return "connection lost" + (f" ({exc})" if str(exc) else "")
+    if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, ssl.SSLError):
+        return exc.strerror.lower()  # "connection refused", not "[Errno 111] Connection refused"
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:200]
