@@ -476,8 +476,7 @@ class Scheduler:
         return None
 
     def _update_gauges(self, now: float) -> None:
-        pending = sum(len(h) for h in self._delayed.values()) + sum(len(q) for q in self._ready.values())
-        metrics.SPOOL_COPIES.labels("pending").set(pending)
+        metrics.SPOOL_COPIES.labels("pending").set(self.pending_count())
         oldest = min(
             (_queue_time(key) for keys in (*self._ready.values(), *(
                 [k for _, k in h] for h in self._delayed.values())) for key in keys),

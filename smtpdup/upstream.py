@@ -85,7 +85,6 @@ class Upstream:
         self.local_hostname = local_hostname
         self.tls_ca_file = tls_ca_file
         self._smtp: smtplib.SMTP | None = None
-        self.messages_sent = 0
 
     # -- connection -----------------------------------------------------
 
@@ -291,10 +290,7 @@ class Upstream:
         ``ends_with_crlf`` says whether the content ends a line; if not, a
         CRLF is added first so the dot stands alone.
         """
-        reply = self.command(last + (b"." if ends_with_crlf else b"\r\n."))
-        if reply.code // 100 == 2:
-            self.messages_sent += 1
-        return reply
+        return self.command(last + (b"." if ends_with_crlf else b"\r\n."))
 
     def rset(self) -> Reply:
         return self.command(b"RSET")

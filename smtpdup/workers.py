@@ -112,15 +112,18 @@ def run_workers(config: Config, metrics_dir: str, load_config: Callable[[], Conf
     removed = Spool(config.relay.spool_dir).recover()
     count = config.smtp.workers
     children: dict[int, int] = {}  # pid -> worker index
-    inherited: list = []  # the supervisor's signal watchers and metrics server
+    # The supervisor's own: a worker forked later must not act on its
+    # signals nor answer its metrics scrapes.
+    watchers: list = []
+    servers: list = []
 
     def spawn(index: int) -> None:
         pid = os.fork()
         if pid == 0:
-            # A worker restarted later must not act on the supervisor's
-            # signals nor answer its metrics scrapes.
-            for thing in inherited:
-                thing.close() if hasattr(thing, "server_port") else thing.cancel()
+            for watcher in watchers:
+                watcher.cancel()
+            for server in servers:
+                server.close()
             _worker(state["config"], listener, index, count, load_config)
         children[pid] = index
 
@@ -138,7 +141,7 @@ def run_workers(config: Config, metrics_dir: str, load_config: Callable[[], Conf
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=metrics_dir)
         http = metrics.serve(config.metrics.listen, ready=lambda: not state["draining"], registry=registry)
-        inherited.append(http)
+        servers.append(http)
 
     def terminate() -> None:
         if state["draining"]:
@@ -157,9 +160,9 @@ def run_workers(config: Config, metrics_dir: str, load_config: Callable[[], Conf
         for pid in list(children):
             _signal(pid, signal.SIGHUP)
 
-    inherited.append(gevent.signal_handler(signal.SIGTERM, terminate))
-    inherited.append(gevent.signal_handler(signal.SIGINT, terminate))
-    inherited.append(gevent.signal_handler(signal.SIGHUP, reload))
+    watchers.append(gevent.signal_handler(signal.SIGTERM, terminate))
+    watchers.append(gevent.signal_handler(signal.SIGINT, terminate))
+    watchers.append(gevent.signal_handler(signal.SIGHUP, reload))
 
     deadline = None
     while children:
