@@ -12,17 +12,28 @@ after failures), lingering briefly for more. A destination that cannot be
 reached defers every copy queued for it at once, without a connection
 attempt each.
 
+Destinations share the pool: while several have due copies, each may
+hold at most its share of the workers, and a worker over its share (or
+idle) gives its slot up as soon as another destination waits for one, so a
+slow, failing or backlogged backup never holds the others back.
+
 Outcomes, per recipient of a copy: 2xx delivered; 4xx, timeouts and
 connection errors deferred with exponential backoff until
 ``retry_max_age_seconds``; 5xx and expiry dead-lettered with the reply.
-Outcomes are journalled and saved in the threadpool, in batches; a full
-delivery while sibling copies are still under way writes no state. A copy
-whose attempt was cut by a crash is simply tried again (at-least-once).
+Every outcome is journalled and saved in the threadpool, in batches (the
+outcomes of one message in a batch share one save), before the copy's
+worker takes another copy: a settled copy is never tried again, after a
+restart or a crash included. Only a copy whose attempt was cut by a crash
+can be delivered twice (at-least-once): at most one per worker in flight.
+
+At start the index is built from the spool in the background, in chunks,
+while the relay already serves SMTP and delivers what it has indexed.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator
@@ -34,7 +45,7 @@ from gevent.event import Event
 from gevent.pool import Pool
 
 from . import logs, metrics
-from .blocking import Batch, blocking, each
+from .blocking import Batch, blocking
 from .config import Config, Destination
 from .reply import Reply
 from .spool import Copy, Message, Spool
@@ -60,6 +71,9 @@ FRESH_SECONDS = 60.0
 DEAD_COUNT_SECONDS = 10.0
 # Content is read from the spool and sent in blocks of this size.
 READ_BLOCK_BYTES = 64 * 1024
+# Messages read from the spool per threadpool trip: when indexing the spool
+# at start, and when loading due copies into the ready queues.
+LOAD_CHUNK = 256
 
 
 @dataclass(slots=True)
@@ -81,7 +95,7 @@ class Scheduler:
         self._ready: dict[str, deque[str]] = defaultdict(deque)  # destination -> "qid/index"
         self._delayed: dict[str, list[tuple[float, str]]] = defaultdict(list)  # heaps of (due, "qid/index")
         self._live: dict[str, list] = {}  # qid -> [Message, copies queued or in flight]
-        self._records = Batch(each(lambda record: self._record(*record)))
+        self._records = Batch(self._record_batch)
         self._workers: dict[str, int] = defaultdict(int)
         self._idle: dict[str, int] = defaultdict(int)
         self._work: dict[str, Event] = defaultdict(Event)
@@ -91,30 +105,51 @@ class Scheduler:
         self.flushes = 0  # `queue flush` requests acted upon
         self._share = (0, 1)
         self._next_dead_count = 0.0
+        self._loader: gevent.Greenlet | None = None
+        self.loaded = Event()  # the spool's pending copies are all indexed
+        self.loaded_count = 0
+        # Queue ids submitted while the spool is being indexed, which the
+        # index must not queue a second time.
+        self._submitted: set[str] = set()
+        self._flushed_while_loading = False  # copies indexed after a flush are due now
 
     # -- intake ---------------------------------------------------------
 
     def load(self, share: tuple[int, int] = (0, 1)) -> int:
-        """Index the pending copies in the spool (at start). ``share`` is
-        (this worker, workers): with several worker processes each takes
+        """Index the pending copies in the spool, reading it in the
+        threadpool chunk by chunk (the relay serves meanwhile). ``share``
+        is (this worker, workers): with several worker processes each takes
         the messages whose queue id hashes to it, so none is claimed twice;
         a new message stays with the worker that received it. Returns the
-        number of copies."""
+        number of copies indexed."""
         index, workers = share
         self._share = share
         count = 0
-        for message in self.spool.messages():
-            if workers > 1 and int(message.queue_id[-8:], 16) % workers != index:
-                continue
-            for copy in message.pending():
-                heapq.heappush(self._delayed[copy.destination], (copy.next_attempt, _key(message, copy)))
-                count += 1
-        self._wake.set()
+        messages = self.spool.messages()
+        while not self._stopping:
+            chunk = blocking(_take, messages, LOAD_CHUNK)
+            if not chunk:
+                break
+            for message in chunk:
+                if workers > 1 and int(message.queue_id[-8:], 16) % workers != index:
+                    continue
+                if message.queue_id in self._submitted:
+                    continue  # committed since start: already queued by submit()
+                for copy in message.pending():
+                    due = 0.0 if self._flushed_while_loading else copy.next_attempt
+                    heapq.heappush(self._delayed[copy.destination], (due, _key(message, copy)))
+                    count += 1
+            self._wake.set()
+        self.loaded_count = count
+        self.loaded.set()
+        self._submitted = set()
         return count
 
     def submit(self, message: Message) -> None:
         """A freshly committed message (built in memory by the relay, not
         read back): its copies are due now."""
+        if not self.loaded.is_set():
+            self._submitted.add(message.envelope.queue_id)
         for copy in message.pending():
             if len(self._ready[copy.destination]) < READY_PER_DESTINATION:
                 self._queue(message, copy)
@@ -137,14 +172,37 @@ class Scheduler:
 
     # -- the scheduler loop -----------------------------------------------
 
-    def start(self) -> None:
+    def start(self, share: tuple[int, int] = (0, 1), load: bool = True) -> None:
+        """Start scheduling; with ``load``, index the spool's pending copies
+        (this process's ``share`` of them) in the background (see
+        ``loaded``)."""
+        self._share = share
         self._greenlet = gevent.spawn(self._run)
+        if load:
+            self._loader = gevent.spawn(self._load_logged)
+        else:
+            self.loaded.set()
+
+    def _load_logged(self) -> None:
+        started = time.monotonic()
+        try:
+            count = self.load(self._share)
+        except OSError as exc:
+            log.error("spool_read_failed", extra={"error": str(exc)})
+            self.loaded.set()
+            self._submitted = set()
+            return
+        log.info("spool_loaded", extra={
+            "pending_copies": count, "duration_ms": round((time.monotonic() - started) * 1000, 1),
+        })
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop scheduling and end deliveries in flight; what they had not
         finished stays pending on disk."""
         self._stopping = True
         self._wake.set()
+        if self._loader is not None:
+            self._loader.kill(timeout=timeout)
         for event in list(self._work.values()):
             event.set()
         self.pool.join(timeout=timeout)
@@ -170,7 +228,9 @@ class Scheduler:
             self._wake.clear()
 
     def flush(self) -> None:
-        """Make every pending copy due now."""
+        """Make every pending copy due now (those still to be indexed too)."""
+        if not self.loaded.is_set():
+            self._flushed_while_loading = True
         for dest, heap in self._delayed.items():
             self._delayed[dest] = [(0.0, key) for _, key in heap]
         log.info("queue_flush", extra={"copies": sum(len(h) for h in self._delayed.values())})
@@ -180,33 +240,92 @@ class Scheduler:
         return len(self._ready[dest]) < READY_PER_DESTINATION
 
     def _promote(self, now: float) -> None:
-        """Move due copies from the index to their destination's queue,
-        loading each message from disk (once for all its copies)."""
-        for dest, heap in list(self._delayed.items()):
-            while heap and heap[0][0] <= now and self._room(dest):
-                _, key = heapq.heappop(heap)
-                queue_id, index = _split(key)
-                live = self._live.get(queue_id)
-                try:
-                    message = live[0] if live else blocking(self.spool.load, queue_id)
-                except OSError as exc:
-                    log.error("spool_read_failed", extra={"queue_id": queue_id, "error": str(exc)})
-                    heapq.heappush(heap, (now + self.config.relay.retry_initial_seconds, key))
+        """Move due copies from the index to their destinations' queues,
+        a chunk per destination in turn (so every destination gets work from
+        the start), loading the messages that are not in memory in one
+        threadpool trip per chunk. Workers are started after each round."""
+        while not self._stopping:
+            moved = False
+            for dest, heap in list(self._delayed.items()):
+                keys = []
+                while heap and heap[0][0] <= now and self._room(dest) and len(keys) < LOAD_CHUNK:
+                    keys.append(heapq.heappop(heap)[1])
+                if not keys:
                     continue
-                if message is None or index >= len(message.copies) or message.copies[index].settled:
-                    continue  # delivered meanwhile, or deleted with `queue delete`
-                self._queue(message, message.copies[index])
+                moved = True
+                wanted = {_split(key)[0] for key in keys} - self._live.keys()
+                try:
+                    loaded = blocking(self._load_many, sorted(wanted)) if wanted else {}
+                except OSError as exc:
+                    log.error("spool_read_failed", extra={"error": str(exc)})
+                    retry = now + self.config.relay.retry_initial_seconds
+                    for key in keys:
+                        heapq.heappush(heap, (retry, key))
+                    continue
+                for key in keys:
+                    queue_id, index = _split(key)
+                    live = self._live.get(queue_id)  # may have appeared meanwhile
+                    message = live[0] if live else loaded.get(queue_id)
+                    if message is None or index >= len(message.copies) or message.copies[index].settled:
+                        continue  # delivered meanwhile, or deleted with `queue delete`
+                    self._queue(message, message.copies[index])
+            self._dispatch()
+            if not moved:
+                return
+
+    def _load_many(self, queue_ids: list[str]) -> dict[str, Message]:
+        """In a worker thread: the messages still in the spool, by queue id."""
+        found = {}
+        for queue_id in queue_ids:
+            message = self.spool.load(queue_id)
+            if message is not None:
+                found[queue_id] = message
+        return found
 
     def _dispatch(self) -> None:
-        """Start workers where copies wait and no idle worker is there."""
-        limit = self.config.relay.backup_concurrency
-        for dest, ready in self._ready.items():
-            while ready and len(ready) > self._idle[dest] and self._workers[dest] < limit:
-                if self.pool.free_count() == 0:
-                    return  # a finishing worker wakes the loop
-                self._workers[dest] += 1
-                self.pool.spawn(self._worker, dest)
-                self._idle[dest] += 1  # counted idle until it takes a copy
+        """Start workers where copies wait and no idle worker is there, one
+        destination after another in turn, each up to its share."""
+        while self.pool.free_count() > 0:
+            started = False
+            for dest, ready in self._ready.items():
+                if ready and len(ready) > self._idle[dest] and self._workers[dest] < self._share_of(dest):
+                    if self.pool.free_count() == 0:
+                        return  # a finishing worker wakes the loop
+                    self._workers[dest] += 1
+                    self.pool.spawn(self._worker, dest)
+                    self._idle[dest] += 1  # counted idle until it takes a copy
+                    started = True
+            if not started:
+                break
+        if self.pool.free_count() == 0:
+            for dest, ready in self._ready.items():
+                if ready and self._starving_for(dest):
+                    # Idle workers elsewhere notice and give their slots up.
+                    for other, event in self._work.items():
+                        if other != dest:
+                            event.set()
+                    break
+
+    def _share_of(self, dest: str) -> int:
+        """How many workers ``dest`` may hold: the whole pool while it is
+        the only destination with work, else an equal share of it."""
+        busy = sum(1 for d, ready in self._ready.items() if ready or self._workers[d])
+        if not (self._ready[dest] or self._workers[dest]):
+            busy += 1
+        return max(1, self.config.relay.backup_concurrency // max(1, busy))
+
+    def _starving(self, dest: str) -> bool:
+        """True when the pool is full and another destination has copies
+        waiting under its share: a worker of ``dest`` that is idle, or over
+        its own share, should give its slot up."""
+        if self.pool.free_count() > 0:
+            return False
+        return any(d != dest and self._starving_for(d) for d in self._ready)
+
+    def _starving_for(self, dest: str) -> bool:
+        """``dest`` has copies that no idle worker of its own will take, and
+        fewer workers than its share."""
+        return len(self._ready[dest]) > self._idle[dest] and self._workers[dest] < self._share_of(dest)
 
     # -- workers ----------------------------------------------------------
 
@@ -217,6 +336,10 @@ class Scheduler:
         idle_until = None
         try:
             while not self._stopping:
+                if self._starving(dest_name) and (
+                    not ready or self._workers[dest_name] > self._share_of(dest_name)
+                ):
+                    return  # the slot serves a destination that waits
                 if not ready:
                     # Linger with the session open: more copies are likely.
                     # Every idle worker wakes for a new copy; those that
@@ -412,16 +535,12 @@ class Scheduler:
             metrics.BACKUP_DELIVERIES.labels(dest, "deferred").inc()
         else:
             copy.settled = True
-        # A copy fully delivered while other copies of the message are still
-        # on their way changes nothing on disk: at worst a crash before the
-        # next save delivers it again (at-least-once), and the file
-        # operations it saves are the costly part of a delivery.
-        save = dead or deferred or all(c.settled for c in message.copies)
         reason = "; ".join(dict.fromkeys(reasons))
         try:
             # Batched: outcomes recorded one after another in one thread,
-            # so the saves of a message never overtake each other.
-            self._records((message, copy, attempt, dead, reason, now, save))
+            # so the saves of a message never overtake each other; the
+            # worker goes on only once its outcome is on disk.
+            self._records((message, copy, attempt, dead, reason, now))
         except OSError as exc:
             # The outcome could not be written: the copy stays as it was on
             # disk and is tried again after a restart, if not sooner.
@@ -435,23 +554,40 @@ class Scheduler:
             "duration_ms": round(seconds * 1000, 1),
         })
 
-    def _record(
-        self, message: Message, copy: Copy, attempt: _Attempt,
-        dead: list[str], reason: str, now: float, save: bool,
-    ) -> None:
-        """In a worker thread: the file-system side of an outcome."""
+    def _record_batch(
+        self, records: list[tuple[Message, Copy, _Attempt, list[str], str, float]],
+    ) -> list[BaseException | None]:
+        """In a worker thread: the file-system side of a batch of outcomes.
+        Journal lines and dead letters go in order; then every message
+        touched is saved once, after its last outcome in the batch (state
+        is cumulative, so one save records them all). An error fails the
+        outcomes of its message only."""
         spool = self.spool
-        if attempt.delivered:
-            spool.journal_delivered(message, copy, attempt.delivered)
-        for recipient, reply in attempt.refused:
-            spool.journal_refused(message, copy, recipient, str(reply))
-        if dead:
+        errors: list[BaseException | None] = [None] * len(records)
+        last: dict[int, int] = {}  # id(message) -> index of its last record
+        for i, (message, copy, attempt, dead, reason, now) in enumerate(records):
+            last[id(message)] = i
             try:
-                spool.dead_letter(message, copy, dead, reason, now)
-            except FileNotFoundError:
-                pass  # deleted with `queue delete` meanwhile
-        if save:
-            spool.save(message)
+                if attempt.delivered:
+                    spool.journal_delivered(message, copy, attempt.delivered)
+                for recipient, reply in attempt.refused:
+                    spool.journal_refused(message, copy, recipient, str(reply))
+                if dead:
+                    try:
+                        spool.dead_letter(message, copy, dead, reason, now)
+                    except FileNotFoundError:
+                        pass  # deleted with `queue delete` meanwhile
+            except OSError as exc:
+                errors[i] = exc
+        for i in sorted(last.values()):
+            message = records[i][0]
+            try:
+                spool.save(message)
+            except OSError as exc:
+                for j, record in enumerate(records):
+                    if record[0] is message and errors[j] is None:
+                        errors[j] = exc
+        return errors
 
     def _open_content(self, message: Message) -> _Blocks:
         """In a worker thread: the content of ``message``, as one block when
@@ -514,6 +650,11 @@ class _Blocks:
         close = getattr(self._blocks, "close", None)
         if close is not None:
             close()
+
+
+def _take(iterator: Iterator[Message], count: int) -> list[Message]:
+    """In a worker thread: up to ``count`` more items of ``iterator``."""
+    return list(itertools.islice(iterator, count))
 
 
 def _stream(f: BinaryIO, length: int) -> Iterator[bytes]:

@@ -211,8 +211,8 @@ class RelayService:
         return self.server.address
 
     def start(self) -> None:
-        """Load the pending copies, then listen and deliver."""
-        pending = self.scheduler.load(self.share)
+        """Listen and deliver; the pending copies in the spool are indexed
+        in the background meanwhile."""
         config = self.config
         metrics.declare_destinations(b.name for b in config.relay.destination_backups)
         self.server.start()
@@ -222,9 +222,9 @@ class RelayService:
             except OSError:
                 self.server.drain(0)
                 raise
-        self.scheduler.start()
+        self.scheduler.start(self.share)
         log.info("started", extra={
-            "version": _version(), "pending_copies": pending, "recovered_files": self.recovered_files,
+            "version": _version(), "recovered_files": self.recovered_files,
             "primary": config.relay.destination_primary.name if config.relay.destination_primary else None,
             "backups": [b.name for b in config.relay.destination_backups],
         })

@@ -366,8 +366,8 @@ def test_kill_9_loses_no_accepted_copy(upstreams, relay_process, tmp_path):
     assert subjects(backup) == [f"m{n}" for n in range(5)]
     assert all(s.rcpt_tos == ["bob@example.com", "carol@example.org"] for s in backup.messages())
     assert sorted(s.content for s in backup.messages()) == sorted(s.content for s in primary.messages())
-    started = [e for e in relay.log_events() if e.get("event") == "started"]
-    assert started and started[0]["pending_copies"] == 5
+    loaded = [e for e in relay.log_events() if e.get("event") == "spool_loaded"]
+    assert loaded and loaded[0]["pending_copies"] == 5
 
 
 @pytest.mark.parametrize("crash_at", ["before_final_dot", "after_primary_reply", "after_commit"])
@@ -656,3 +656,114 @@ def test_spool_gauges_count_pending_and_dead_copies(upstreams, relay):
     assert send(service.address, ["bob@example.com"], "pending") == {}
     wait_until(lambda: metrics.SPOOL_COPIES.labels("pending")._value.get() == 1, what="the pending gauge")
     wait_until(lambda: metrics.SPOOL_OLDEST_AGE._value.get() > 0, what="the oldest-age gauge")
+
+
+# -- 11. the spool drains after an outage ----------------------------------------
+
+
+def test_copy_delivered_on_a_retry_is_settled_and_never_sent_again(upstreams, relay_process, tmp_path):
+    """Backup 2 is down while three messages arrive, then comes back: every
+    copy reaches it on a retry, the spool empties, and a clean restart
+    finds nothing to send again."""
+    primary, backup1, backup2 = upstreams("primary"), upstreams("backup1"), upstreams("backup2")
+    backup2.set_rules(mail=DOWN)
+    environ = relay_environ(
+        tmp_path, primary.address, [backup1.address, backup2.address],
+        relay_retry_initial_seconds=0.5, relay_retry_max_interval_seconds=1, log_level="info",
+    )
+    relay = relay_process(environ).start()
+    for n in range(3):
+        assert send(relay.address, ["bob@example.com"], f"m{n}") == {}
+    backup1.wait_for(3)
+    wait_until(lambda: any(e.get("outcome") == "deferred" for e in relay.log_events()), what="a deferral")
+    backup2.set_rules()
+    backup2.wait_for(3, timeout=15)
+    wait_until(lambda: spool_idle(environ), what="the spool to empty")
+    assert queue_list(environ) == []
+    delivered = [e for e in relay.log_events() if e.get("event") == "backup_attempt" and e["outcome"] == "delivered"]
+    assert len(delivered) == 6
+    os.kill(relay.proc.pid, signal.SIGTERM)
+    assert relay.wait_exit() == 0
+    relay.start()
+    [loaded] = wait_until(lambda: [e for e in relay.log_events() if e.get("event") == "spool_loaded"],
+                          what="the spool to be indexed")
+    assert loaded["pending_copies"] == 0
+    assert (backup1.count(), backup2.count(), primary.count()) == (3, 3, 3)
+    assert subjects(backup2) == ["m0", "m1", "m2"]
+
+
+def _backlog(upstreams, relay, tmp_path, count: int, backups: int = 2, **keys):
+    """``count`` messages accepted while every backup refuses MAIL, the relay
+    stopped: a spool of ``count`` pending copies per backup. Returns the
+    primary, the backups (now accepting) and their addresses."""
+    primary = upstreams("primary")
+    peers = [upstreams(f"backup{n}") for n in range(1, backups + 1)]
+    for peer in peers:
+        peer.set_rules(mail=DOWN)
+    addresses = [peer.address for peer in peers]
+    service = relay(primary.address, addresses, log_level="warning", **NEVER, **keys)
+
+    def sender(n: int) -> None:
+        with smtplib.SMTP(*service.address, timeout=30) as smtp:
+            for _ in range(n):
+                smtp.sendmail("alice@example.com", ["bob@example.com"], content("backlog"))
+
+    gevent.joinall([gevent.spawn(sender, count // 4) for _ in range(4)], raise_error=True)
+    wait_until(lambda: service.scheduler.pending_count() == count * backups, what="the backlog to be deferred")
+    service.stop(grace_seconds=0)
+    for peer in peers:
+        peer.set_rules()
+    return primary, peers, addresses
+
+
+def _restart_due(relay, primary, addresses, **keys):
+    """A relay on the backlog's spool, every copy made due at once (as after
+    an outage that outlasted the retry delay)."""
+    service = relay(primary.address, addresses, **NEVER, **keys)
+    service.spool.request_flush()
+    return service
+
+
+def test_backlog_larger_than_the_ready_queues_drains_and_stays_drained(upstreams, relay, tmp_path, monkeypatch):
+    """More messages at start than the ready queues hold: each copy is
+    loaded from disk on its own, yet every delivery is recorded, so the
+    spool empties and a second restart sends nothing."""
+    from smtpdup import delivery
+
+    monkeypatch.setattr(delivery, "READY_PER_DESTINATION", 5)
+    primary, (backup1, backup2), addresses = _backlog(upstreams, relay, tmp_path, 40)
+    service = _restart_due(relay, primary, addresses)
+    backup1.wait_for(40, timeout=20)
+    backup2.wait_for(40, timeout=20)
+    environ = relay_environ(tmp_path, primary.address, addresses)
+    wait_until(lambda: spool_idle(environ), what="the spool to empty")
+    assert service.scheduler.pending_count() == 0
+    service.stop(grace_seconds=0)
+    again = relay(primary.address, addresses, **NEVER)
+    assert again.scheduler.loaded.wait(10)
+    assert again.scheduler.loaded_count == 0
+    assert (backup1.count(), backup2.count()) == (40, 40)
+
+
+def test_backups_share_the_pool_from_the_first_second_of_a_restart(upstreams, relay, tmp_path):
+    """A backlog recovered at start, both backups up, four workers: both
+    backups receive copies from the start, not one after the other."""
+    primary, (backup1, backup2), addresses = _backlog(upstreams, relay, tmp_path, 200)
+    _restart_due(relay, primary, addresses, relay_backup_concurrency=4)
+    counts = wait_until(
+        lambda: (lambda c: c if sum(c) >= 100 else None)((backup1.count(), backup2.count())),
+        timeout=30, interval=0.01, what="100 copies delivered",
+    )
+    assert min(counts) >= 25, f"one backup starved: {counts}"
+    backup1.wait_for(200, timeout=30)
+    backup2.wait_for(200, timeout=30)
+
+
+def test_a_slow_backup_does_not_hold_the_others_back(upstreams, relay, tmp_path):
+    """Backup 1 takes 2 s per message; backup 2 drains its whole backlog
+    meanwhile with its share of the pool."""
+    primary, (backup1, backup2), addresses = _backlog(upstreams, relay, tmp_path, 100)
+    backup1.set_rules(data_delay_seconds=2)
+    _restart_due(relay, primary, addresses, relay_backup_concurrency=4)
+    backup2.wait_for(100, timeout=20)
+    assert backup1.count() < 50
