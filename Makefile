@@ -12,8 +12,9 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 CHECK_ARGS ?=
+CHAOS_ARGS ?=
 
-.PHONY: all venv test demo bench check lint clean distclean
+.PHONY: all venv test demo bench chaos check lint clean distclean
 
 all: test
 
@@ -35,6 +36,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# The long fault run: 300 kill -9 cycles under load, a flapping backup.
+chaos: $(STAMP)
+	$(PY) bench/chaos.py $(CHAOS_ARGS)
 
 check: $(STAMP)
 	$(VENV)/bin/smtpdup check $(CHECK_ARGS)
