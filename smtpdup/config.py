@@ -820,10 +820,49 @@ def _file_entries(path: str, data: object) -> list[tuple[str, Any, str]]:
     return entries
 
 
+# The variables Kubernetes injects into every pod for a Service named
+# smtp-dup (docker-link style: SMTP_DUP_PORT=tcp://10.0.0.1:2525, and
+# SMTP_DUP_SERVICE_HOST/_PORT[_<port name>]). They are not settings; only
+# these exact shapes, with values of the kind Kubernetes writes, are let by.
+_SERVICE_LINK = re.compile(
+    r"SMTP_DUP_(?:"
+    r"(?P<host>SERVICE_HOST)"
+    r"|(?P<service_port>SERVICE_PORT(?:_[A-Z0-9_]+)?)"
+    r"|(?P<url>PORT(?:_[0-9]{1,5}_(?:TCP|UDP|SCTP))?)"
+    r"|PORT_[0-9]{1,5}_(?:TCP|UDP|SCTP)_(?:(?P<proto>PROTO)|(?P<port>PORT)|(?P<addr>ADDR))"
+    r")\Z"
+)
+_SERVICE_LINK_URL = re.compile(r"(?:tcp|udp|sctp)://(?:\[[0-9A-Fa-f:.]+\]|[0-9.]+):[0-9]{1,5}\Z")
+
+
+def _is_service_link(name: str, value: str) -> bool:
+    """Whether ``name=value`` is one of Kubernetes' service-link variables."""
+    match = _SERVICE_LINK.match(name)
+    if match is None:
+        return False
+    kind = match.lastgroup
+    if kind in ("host", "addr"):
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            return False
+        return True
+    if kind in ("service_port", "port"):
+        return value.isascii() and value.isdigit()
+    if kind == "proto":
+        return value in ("tcp", "udp", "sctp")
+    return _SERVICE_LINK_URL.match(value) is not None
+
+
 def _env_entries(environ: Mapping[str, str]) -> list[tuple[str, Any, str]]:
     known = {setting.env: setting for setting in KEYS}
     for name in sorted(environ):
-        if name.startswith(ENV_PREFIX) and name != CONFIG_ENV and name not in known:
+        if (
+            name.startswith(ENV_PREFIX)
+            and name != CONFIG_ENV
+            and name not in known
+            and not _is_service_link(name, environ[name])
+        ):
             raise ConfigError(
                 f"config: unknown environment variable {name}{_suggest(name, [*known, CONFIG_ENV])}"
             )

@@ -62,8 +62,8 @@ ACTIVE_SESSIONS = Gauge(
 )
 TRANSACTIONS = Counter(
     "smtpdup_transactions",
-    "Inbound transactions by outcome: accepted (primary 2xx), rejected (primary 5xx), "
-    "deferred (4xx), aborted (client gone, too big, spool failure)",
+    "Inbound transactions by outcome: accepted (primary 2xx), rejected (5xx: the primary's, or "
+    "smtpdup's for content too big, bare CR/LF or NUL), deferred (4xx), aborted (client gone, spool failure)",
     ["outcome"],
     registry=REGISTRY,
 )

@@ -4,7 +4,7 @@ This module owns the server side of an SMTP session as a state machine, in
 the manner of h11's ``Connection``: command parsing, the sequence rules, the
 EHLO capabilities, the replies to syntax, sequence and limit errors, the
 reading of message content up to the final dot (with dot-stuffing, bare CR/LF
-handling and the size limit), and the bounds of every input buffer.
+and NUL handling and the size limit), and the bounds of every input buffer.
 
 It must not do I/O: no sockets, clocks, logging or gevent; it imports only
 `smtpdup.reply` and the standard library. The gevent shell (`session.py`)
@@ -139,7 +139,7 @@ class DataStart:
 @dataclass(frozen=True, slots=True)
 class DataChunk:
     """A piece of message content, as WIRE bytes: CRLF line ends, dot-stuffed,
-    safe to send after a 354 as is. Never holds the terminator; a chunk may
+    no NUL, safe to send after a 354 as is. Never empty. Never holds the terminator; a chunk may
     end mid-line. Joined, the chunks of a message are empty or end with CRLF,
     so the sender appends b".\\r\\n" and nothing else."""
 
@@ -154,8 +154,8 @@ class DataEnd:
 
 @dataclass(frozen=True, slots=True)
 class DataAbort:
-    """Content refused while streaming (too big, or bare CR/LF in reject
-    mode): the backend drops the transaction (nothing may be delivered). The
+    """Content refused while streaming (too big, or bare CR/LF or NUL in
+    reject mode): the backend drops the transaction (nothing may be delivered). The
     protocol reads on to the client's terminator, holding nothing, and then
     answers `reply` itself. No DataEnd follows."""
 
@@ -271,7 +271,7 @@ class ServerProtocol:
     __slots__ = (
         "limits", "domain", "_state", "_buffer", "_outbound", "_ready", "_awaiting",
         "_tls_active", "_tls_pending", "_eof", "_discarding", "_recipients",
-        "_line_start", "_segment_start", "_message_bytes", "_abort",
+        "_line_start", "_segment_start", "_dot_line", "_message_bytes", "_abort",
     )
 
     def __init__(self, limits: Limits, domain: str) -> None:
@@ -291,7 +291,8 @@ class ServerProtocol:
         self._recipients = 0  # accepted recipients of the transaction
         # Content state (DATA).
         self._line_start = True  # next buffered byte begins a client (CRLF) line
-        self._segment_start = False  # ... begins a line after a bare CR/LF
+        self._segment_start = False  # ... begins a line after a bare CR/LF or NULs
+        self._dot_line = False  # the line so far is a lone "." (NULs removed)
         self._message_bytes = 0  # content bytes as sent, so far
         self._abort: Reply | None = None  # draining to the terminator
 
@@ -354,6 +355,7 @@ class ServerProtocol:
             self._state = _State.DATA
             self._line_start = True
             self._segment_start = False
+            self._dot_line = False
             self._message_bytes = 0
             self._abort = None
         else:  # DataEnd answered, or DATA refused: a new envelope per message
@@ -453,9 +455,10 @@ class ServerProtocol:
     def _advance_data(self) -> bool:
         """Pass content on up to the terminator, as large chunks.
 
-        Well-formed CRLF content is found so with three C-level counts and
-        leaves byte for byte; only a block with a bare CR or LF takes the
-        per-line slow path. At most DATA_HOLD_BYTES are held back.
+        Well-formed CRLF content is found so with four C-level scans (CR,
+        LF, CRLF, NUL) and leaves byte for byte; only a block with a bare CR
+        or LF or a NUL takes the per-line slow path. At most DATA_HOLD_BYTES
+        are held back.
         """
         buf = self._buffer
         if not buf:
@@ -483,20 +486,25 @@ class ServerProtocol:
             return self._abort_data(replies.MESSAGE_TOO_BIG)
         block = self._take(end)
         carriage_returns = block.count(b"\r")
+        nul = b"\x00" in block
         if (
-            self._segment_start
+            nul
+            or self._segment_start
+            or self._dot_line
             or carriage_returns != block.count(b"\n")
             or carriage_returns != block.count(b"\r\n")
         ):
             if self.limits.bare_newline == "reject":
-                return self._abort_data(replies.BARE_NEWLINE)
-            chunk = self._normalize(block)
+                # Only normalize mode leaves _segment_start or _dot_line set.
+                return self._abort_data(replies.NUL_IN_CONTENT if nul else replies.BARE_NEWLINE)
+            chunk = self._normalize(block, nul)
         else:
             chunk = block
         del buf[:end]
         self._message_bytes = size
         self._line_start = block.endswith(b"\r\n")
-        self._ready.append(DataChunk(chunk))
+        if chunk:  # empty when the block held nothing but NULs
+            self._ready.append(DataChunk(chunk))
         return True
 
     def _take(self, end: int) -> bytes:
@@ -507,40 +515,72 @@ class ServerProtocol:
         finally:
             view.release()
 
-    def _normalize(self, block: bytes) -> bytes:
-        """Rewrite a block holding bare CR/LF (bare_newline: normalize).
+    def _normalize(self, block: bytes, nul: bool) -> bytes:
+        """Rewrite a block holding bare CR/LF or NUL (bare_newline: normalize).
 
         Client lines end with CRLF; a bare CR or LF splits one into segments
-        that become lines of their own. The first segment of a client line is
-        sent as is (the client dot-stuffed it), except that a lone "." would
-        be an end of data downstream and becomes ".."; every later segment
-        that starts with "." gets one more. So b"\\n.\\n" is a line holding a
-        dot, sent as b"..", and no CRLF.CRLF is ever made.
+        that become lines of their own. NULs are removed from every segment
+        first, then the dots are looked at:
 
-        A block may begin mid-line (state in _line_start, _segment_start) and
-        end mid-line, never with a CR (held back) nor right after a lone
-        leading "." (held back as a possible terminator).
+        - the first segment of a client line is sent as the client
+          dot-stuffed it when it began with a dot, except that a lone "."
+          (b".\\x00" included) would be an end of data downstream and becomes
+          ".."; when it did not begin with a dot but does once its NULs are
+          gone (b"\\x00."), it gets one;
+        - every later segment that starts with "." gets one more.
+
+        So b"\\n.\\n" is a line holding a dot, sent as b"..", no NUL goes on
+        and no CRLF.CRLF is ever made.
+
+        A block may begin and end mid-line, never with a CR (held back) nor
+        right after a lone leading "." (held back as a possible terminator).
+        Where a line stands at the end of a block is kept across blocks:
+        `_line_start` (nothing of it read yet), `_segment_start` (what was
+        read of it was only NULs, or it follows a bare CR/LF: a leading dot
+        will get one more) and `_dot_line` (a client line that is "." so far
+        after its NULs: a dot more if it ends there).
         """
         out = []
-        segments: list[bytes] = []
-        for n, line in enumerate(block.split(b"\r\n")):
+        lines = block.split(b"\r\n")
+        last = len(lines) - 1
+        segment_start = dot_line = False  # for the piece that ends the block
+        for n, line in enumerate(lines):
             segments = line.replace(b"\r", b"\n").split(b"\n")
-            first = segments[0]
-            if n or self._line_start:
-                if first == b".":
-                    segments[0] = b".."
-            elif self._segment_start and first[:1] == b".":
-                segments[0] = b"." + first
-            for k in range(1, len(segments)):
-                if segments[k][:1] == b".":
-                    segments[k] = b"." + segments[k]
+            final_k = len(segments) - 1 if n == last else -1
+            for k, raw in enumerate(segments):
+                segment = raw.replace(b"\x00", b"") if nul else raw
+                final = k == final_k  # this line goes on in the next block
+                if k == 0 and n == 0 and not self._line_start:
+                    # The rest of the line the previous block ended in.
+                    if self._dot_line:
+                        if not segment and not final:
+                            segment = b"."  # the line is "." after all: ".."
+                        dot_line = final and not segment
+                    elif self._segment_start:
+                        if segment[:1] == b".":
+                            segment = b"." + segment
+                        segment_start = final and not segment
+                elif k == 0 and raw[:1] == b".":  # a client line, dot-stuffed by the client
+                    if segment == b".":
+                        if final:
+                            dot_line = True
+                        else:
+                            segment = b".."
+                elif segment[:1] == b".":  # a segment, or a client line once NUL-free
+                    segment = b"." + segment
+                else:
+                    # Only NULs so far: a dot that comes next will need one more.
+                    segment_start = final and not segment and bool(raw or k)
+                segments[k] = segment
             out.append(b"\r\n".join(segments))
-        self._segment_start = len(segments) > 1 and not segments[-1]
+        self._segment_start = segment_start
+        self._dot_line = dot_line
         return b"\r\n".join(out)
 
     def _abort_data(self, reply: Reply) -> bool:
         self._abort = reply
         self._segment_start = False
+        self._dot_line = False
         self._ready.append(DataAbort(reply))
         return True
 

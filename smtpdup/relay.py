@@ -46,6 +46,9 @@ log = logs.get("relay")
 BLANKS_BATCH = 32
 BLANKS_LOW = 8
 
+# The transaction outcome (log line and metric) for the reply the client got.
+_OUTCOMES = {2: "accepted", 4: "deferred", 5: "rejected"}
+
 # A HELO name goes into the Received header; keep it printable and short.
 MAX_HELO_IN_HEADER = 255
 
@@ -352,22 +355,24 @@ class RelaySession:
         if self._primary is not None:
             self._primary.abort()
 
-    def data_abort(self) -> None:
-        """The client's content was refused (too big, bare newline): the
-        primary never sees a final dot."""
+    def data_abort(self, reply: Reply) -> None:
+        """The client's content was refused by smtpdup (too big, bare
+        newline, NUL): the primary never sees a final dot. `reply` is what
+        the client is told once its final dot arrives, and what the log
+        says."""
         txn, self._txn = self._txn, None
         if self._primary is not None:
             self._primary.abort()
         if txn is not None:
             self._discard(txn)
-            self._finish(txn, None, "aborted")
+            self._finish(txn, reply, _OUTCOMES.get(reply.code // 100, "rejected"))
 
     def data_end(self) -> Reply:
         txn, self._txn = self._txn, None
         if txn is None:
             return PRIMARY_UNAVAILABLE
         reply = self._complete(txn)
-        outcome = {2: "accepted", 4: "deferred", 5: "rejected"}.get(reply.code // 100, "rejected")
+        outcome = _OUTCOMES.get(reply.code // 100, "rejected")
         if txn.failure is not None:
             outcome = "aborted"
         self._finish(txn, reply, outcome)

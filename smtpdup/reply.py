@@ -136,6 +136,7 @@ TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS already active")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message too big")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 BARE_NEWLINE = Reply(550, "5.5.2", "Bare CR or LF in message content")
+NUL_IN_CONTENT = Reply(550, "5.6.0", "NUL byte in message content")
 
 # Relay and server conditions.
 PRIMARY_UNAVAILABLE = Reply(451, "4.4.1", "Primary server unavailable, try again later")

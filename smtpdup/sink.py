@@ -100,7 +100,7 @@ class SinkSession:
         self._reset_envelope()
         return Reply(250, "2.0.0", f"Ok: stored as {name}")
 
-    def data_abort(self) -> None:
+    def data_abort(self, reply: Reply) -> None:
         self.reset()
 
     def reset(self) -> None:

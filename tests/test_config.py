@@ -5,11 +5,16 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from hypothesis import given
+from test_cli import address as cli_address
+from test_cli import background, relay_variables  # noqa: F401 (background: a fixture)
+from test_cli import run as cli_run
+from test_cli import send as cli_send
 from hypothesis import strategies as st
 
 from smtpdup import config
@@ -264,6 +269,89 @@ def test_unknown_env_var_suggests() -> None:
     )
     # other prefixes are none of our business
     assert load(None, {**PRIMARY, "SMTP_DUPLICATE": "x", "HOME": "/root"})
+
+
+# What Kubernetes puts into a pod's environment for a Service named smtp-dup
+# with a port named "smtp" (2525) and one named "metrics" (9925).
+SERVICE_LINKS = {
+    "SMTP_DUP_SERVICE_HOST": "10.96.12.34",
+    "SMTP_DUP_SERVICE_PORT": "2525",
+    "SMTP_DUP_SERVICE_PORT_SMTP": "2525",
+    "SMTP_DUP_SERVICE_PORT_METRICS": "9925",
+    "SMTP_DUP_PORT": "tcp://10.96.12.34:2525",
+    "SMTP_DUP_PORT_2525_TCP": "tcp://10.96.12.34:2525",
+    "SMTP_DUP_PORT_2525_TCP_PROTO": "tcp",
+    "SMTP_DUP_PORT_2525_TCP_PORT": "2525",
+    "SMTP_DUP_PORT_2525_TCP_ADDR": "10.96.12.34",
+    "SMTP_DUP_PORT_9925_TCP": "tcp://10.96.12.34:9925",
+    "SMTP_DUP_PORT_9925_TCP_PROTO": "tcp",
+    "SMTP_DUP_PORT_9925_TCP_PORT": "9925",
+    "SMTP_DUP_PORT_9925_TCP_ADDR": "10.96.12.34",
+}
+
+
+def test_kubernetes_service_links_are_ignored() -> None:
+    loaded = load(None, {**PRIMARY, **SERVICE_LINKS})
+    assert loaded == load(None, PRIMARY)
+    # IPv6 cluster addresses and other protocols take the same shapes.
+    assert load(None, {**PRIMARY, "SMTP_DUP_SERVICE_HOST": "fd00:10:96::1",
+                       "SMTP_DUP_PORT": "tcp://[fd00:10:96::1]:2525",
+                       "SMTP_DUP_PORT_53_UDP": "udp://[fd00:10:96::1]:53",
+                       "SMTP_DUP_PORT_53_UDP_ADDR": "fd00:10:96::1",
+                       "SMTP_DUP_PORT_36412_SCTP_PROTO": "sctp"}) == loaded
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "suggestion"),
+    [
+        # A typo stays an error, service links or not.
+        ("SMTP_DUP_RELAY_TIMEOUT_SECOND", "5", "SMTP_DUP_RELAY_TIMEOUT_SECONDS"),
+        # Close to a service link, but not its shape...
+        ("SMTP_DUP_SERVICE_HOSTS", "10.96.12.34", None),
+        ("SMTP_DUP_PORTS", "tcp://10.96.12.34:2525", None),
+        ("SMTP_DUP_PORT_2525", "tcp://10.96.12.34:2525", None),
+        ("SMTP_DUP_PORT_2525_HTTP", "tcp://10.96.12.34:2525", None),
+        ("SMTP_DUP_PORT_2525_TCP_HOST", "10.96.12.34", None),
+        ("SMTP_DUP_SERVICE_PORT_", "2525", None),
+        ("SMTP_DUP_SERVICE", "x", None),
+        # ... or its shape with a value Kubernetes never writes: an operator's
+        # guess at a setting, not a link.
+        ("SMTP_DUP_PORT", "2525", None),
+        ("SMTP_DUP_SERVICE_PORT", "smtp", None),
+        ("SMTP_DUP_SERVICE_HOST", "relay.example", None),
+        ("SMTP_DUP_PORT_2525_TCP", "10.96.12.34:2525", None),
+        ("SMTP_DUP_PORT_2525_TCP_PROTO", "TCP", None),
+        ("SMTP_DUP_PORT_2525_TCP_ADDR", "smtp-dup", None),
+    ],
+)
+def test_other_unknown_variables_are_still_errors(variable: str, value: str, suggestion: str | None) -> None:
+    message = error(None, {**PRIMARY, **SERVICE_LINKS, variable: value})
+    assert message.startswith(f"config: unknown environment variable {variable}")
+    if suggestion:
+        assert message.endswith(f"; did you mean {suggestion}?")
+
+
+def test_relay_process_starts_and_relays_with_service_links(tmp_path: Path, upstreams, background) -> None:
+    """`python -m smtpdup` in a pod's environment: it starts and relays; a
+    mistyped name in that same environment still stops it with exit 2."""
+    primary = upstreams("primary")
+    variables = relay_variables(tmp_path, SMTP_DUP_RELAY_DESTINATION_PRIMARY=primary.address, **SERVICE_LINKS)
+    relay = background([], **variables)
+    relay.wait_for_event("started")
+    assert cli_send(cli_address(variables), "in a pod") == {}
+    [stored] = primary.wait_for(1)
+    assert stored.body_without_trace == b"Subject: in a pod\r\n\r\nbody of in a pod\r\n"
+    relay.signal(signal.SIGTERM)
+    assert relay.wait() == 0
+    assert "unknown environment variable" not in relay.output()
+
+    variables["SMTP_DUP_RELAY_TIMEOUT_SECOND"] = "5"
+    result = cli_run([], tmp_path, **variables)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "unknown environment variable SMTP_DUP_RELAY_TIMEOUT_SECOND; did you mean SMTP_DUP_RELAY_TIMEOUT_SECONDS?"
+    )
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(

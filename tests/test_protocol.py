@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from smtpdup import reply as replies
@@ -188,6 +188,7 @@ def test_reply_str_and_classes() -> None:
         ("MESSAGE_TOO_BIG", 552, "5.3.4"),
         ("TOO_MANY_RECIPIENTS", 452, "4.5.3"),
         ("BARE_NEWLINE", 550, "5.5.2"),
+        ("NUL_IN_CONTENT", 550, "5.6.0"),
         ("PRIMARY_UNAVAILABLE", 451, "4.4.1"),
         ("LOCAL_ERROR", 451, "4.3.0"),
         ("SMTPUTF8_UNSUPPORTED", 553, "5.6.7"),
@@ -644,6 +645,69 @@ def test_bare_newlines_are_normalized(raw: bytes, wire: bytes) -> None:
         assert driver.content() == wire
 
 
+# SMTP smuggling with NULs (SEC Consult's scanner, smtpsmug): a destination
+# that drops NULs would read these as an end of data.
+NUL_SMUGGLING = [b"\r\n\x00.\r\n", b"\r\n.\x00\r\n", b"\r\n\x00.\x00\r\n", b"\r\n.\x00\x00\r\n", b"\n\x00.\n"]
+
+
+@pytest.mark.parametrize("sequence", NUL_SMUGGLING)
+@pytest.mark.parametrize("mode", ["normalize", "reject"])
+def test_nul_smuggling_never_ends_data(sequence: bytes, mode: str) -> None:
+    raw = b"a" + sequence + b"MAIL FROM:<evil@example.com>\r\n"
+    for i in range(len(raw) + 1):  # whatever the split
+        driver = in_data(Limits(bare_newline=mode))
+        driver.feed_pieces([p for p in (raw[:i], raw[i:]) if p])  # b"" would be a close
+        assert driver.proto.in_data and not any(isinstance(e, (DataEnd, MailFrom)) for e in driver.events)
+        driver.feed(b".\r\n")
+        assert not driver.proto.in_data
+        if mode == "normalize":
+            assert driver.events[-1] == DataEnd()
+            content = driver.content()
+            assert b"\x00" not in content
+            assert content == b"a\r\n..\r\nMAIL FROM:<evil@example.com>\r\n"
+        else:
+            # With a bare LF too, the first faulty read decides which reply.
+            allowed = {replies.NUL_IN_CONTENT} | ({replies.BARE_NEWLINE} if b"\r\n" not in sequence else set())
+            aborts = [e.reply for e in driver.events if isinstance(e, DataAbort)]
+            assert len(aborts) == 1 and aborts[0] in allowed
+            assert b"\x00" not in driver.content()
+            assert codes_of(driver) == [f"550 {aborts[0].enhanced}"]
+
+
+@pytest.mark.parametrize(
+    "raw, wire",
+    [
+        (b"a\x00b\r\n", b"ab\r\n"),
+        (b"\x00\r\n", b"\r\n"),
+        (b"\x00.\r\n", b"..\r\n"),
+        (b"\x00.x\r\n", b"..x\r\n"),
+        (b".\x00\r\n", b"..\r\n"),
+        (b".\x00x\r\n", b".x\r\n"),
+        (b"..\x00\r\n", b"..\r\n"),
+        (b"x\n\x00.\r\n", b"x\r\n..\r\n"),
+        (b".\x00\nb\r\n", b"..\r\nb\r\n"),
+        (b"\x00\x00\x00\r\n.\x00\x00\r\n", b"\r\n..\r\n"),
+    ],
+)
+def test_nul_is_removed_before_dot_stuffing(raw: bytes, wire: bytes) -> None:
+    for i in range(len(raw) + 1):
+        for j in range(i, len(raw) + 1):
+            driver = in_data()
+            driver.feed_pieces([p for p in (raw[:i], raw[i:j], raw[j:], b".\r\n") if p])
+            assert driver.events[-1] == DataEnd()
+            assert driver.content() == wire, (i, j)
+            assert all(e.data for e in driver.events if isinstance(e, DataChunk))
+
+
+def test_nul_rejected_drains_to_the_dot() -> None:
+    driver = in_data(Limits(bare_newline="reject"))
+    driver.feed(b"good line\r\nbad\x00line\r\n")
+    assert driver.events == [DataAbort(replies.NUL_IN_CONTENT)]
+    driver.feed(b"more\r\n" * 100 + b".\r\nNOOP\r\n")
+    assert codes_of(driver) == ["550 5.6.0", "250 2.0.0"]
+    assert not any(isinstance(e, DataEnd) for e in driver.events)
+
+
 def test_bare_newline_rejected_drains_to_the_dot() -> None:
     driver = in_data(Limits(bare_newline="reject"))
     driver.feed(b"good line\r\nbad\nline\r\n")
@@ -827,6 +891,7 @@ def test_arbitrary_bytes_only_ever_yield_events(data, limits, prefix, garbage, c
     assert driver.proto.closed
     assert driver.out.endswith(b"\r\n")
     assert driver.out.count(b"\r") == driver.out.count(b"\n") == driver.out.count(b"\r\n")
+    assert not any(b"\x00" in e.data for e in driver.events if isinstance(e, DataChunk))
 
 
 def reference_content(raw: bytes) -> bytes:
@@ -838,19 +903,33 @@ def reference_content(raw: bytes) -> bytes:
     content = stream[2 : end + 2]
     lines: list[bytes] = []
     for wire_line in content.split(b"\r\n")[:-1]:
-        first, *later = re.split(rb"\r|\n", wire_line)
-        lines.append(b".." if first == b"." else first)
+        raw_first, *later = re.split(rb"\r|\n", wire_line)
+        first = raw_first.replace(b"\x00", b"")
+        if raw_first.startswith(b"."):  # the client dot-stuffed it
+            lines.append(b".." if first == b"." else first)
+        else:  # NULs removed before the line is dot-stuffed
+            lines.append(b"." + first if first.startswith(b".") else first)
+        later = [s.replace(b"\x00", b"") for s in later]
         lines += [b"." + s if s.startswith(b".") else s for s in later]
     return b"".join(line + b"\r\n" for line in lines)
 
 
-content_streams = st.lists(
-    st.sampled_from([b"\r", b"\n", b".", b"x", b"\r\n", b"\r\n.", b".\r\n", b"\n.\n", b"\r\n.\r\n"]), max_size=40
-).map(b"".join)
+def ends_only_at_the_end(content: bytes) -> bool:
+    """Whether a lenient destination (one that drops NULs and takes a bare
+    CR or LF for a line end) reads the end of data in ``content + b".\\r\\n"``
+    sent after a 354 only at that final dot."""
+    relaxed = (b"\n" + content + b".\r\n").replace(b"\x00", b"").replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return relaxed.find(b"\n.\n") == len(relaxed) - 3
 
 
-@settings(max_examples=500)
-@given(raw=content_streams, cuts=st.lists(st.integers(min_value=0), max_size=10))
+CONTENT_TOKENS = [b"\r", b"\n", b".", b"x", b"\r\n", b"\r\n.", b".\r\n", b"\n.\n", b"\r\n.\r\n"]
+NUL_TOKENS = [b"\x00", b"\r\n\x00.\r\n", b"\r\n.\x00\r\n", b"\x00.", b".\x00", b"\n\x00.\n", b"\x00\x00"]
+content_streams = st.lists(st.sampled_from(CONTENT_TOKENS), max_size=40).map(b"".join)
+nul_content_streams = st.lists(st.sampled_from(CONTENT_TOKENS + NUL_TOKENS), max_size=40).map(b"".join)
+
+
+@settings(max_examples=800)
+@given(raw=content_streams | nul_content_streams, cuts=st.lists(st.integers(min_value=0), max_size=10))
 def test_forwarded_content_is_safe_and_matches_the_reference(raw: bytes, cuts: list[int]) -> None:
     raw += b"\r\n.\r\n"  # make sure DATA ends somewhere
     expected = reference_content(raw)
@@ -869,8 +948,69 @@ def test_forwarded_content_is_safe_and_matches_the_reference(raw: bytes, cuts: l
         assert content == expected
         assert b"\r\n.\r\n" not in content
         assert not content.startswith(b".\r\n")
+        assert b"\x00" not in content
+        assert ends_only_at_the_end(content)  # even for a lenient reader
         assert content.count(b"\r") == content.count(b"\n") == content.count(b"\r\n")
         assert content == b"" or content.endswith(b"\r\n")
+
+
+@settings(max_examples=500)
+@given(raw=nul_content_streams, cuts=st.lists(st.integers(min_value=0), max_size=10))
+def test_reject_mode_refuses_any_content_with_nul_or_bare_newline(raw: bytes, cuts: list[int]) -> None:
+    end = (b"\r\n" + raw + b"\r\n.\r\n").find(b"\r\n.\r\n")
+    stream = (raw + b"\r\n.\r\n")[: end + 3]  # up to the first real end
+    content = stream[:-3]
+    well_formed = b"\x00" not in content and content.count(b"\r") == content.count(b"\n") == content.count(b"\r\n")
+    driver = in_data(Limits(bare_newline="reject"))
+    driver.feed_pieces(split(stream, cuts))
+    chunks = [e.data for e in driver.events if isinstance(e, DataChunk)]
+    assert all(b"\x00" not in chunk for chunk in chunks)
+    if well_formed:
+        assert driver.events[-1] == DataEnd() and driver.content() == content
+    else:
+        aborts = [e for e in driver.events if isinstance(e, DataAbort)]
+        assert len(aborts) == 1 and not any(isinstance(e, DataEnd) for e in driver.events)
+        bare = content.replace(b"\x00", b"").count(b"\r") != content.count(b"\r\n") or (
+            content.count(b"\n") != content.count(b"\r\n")
+        )
+        if b"\x00" not in content:
+            assert aborts[0].reply == replies.BARE_NEWLINE
+        elif not bare:
+            assert aborts[0].reply == replies.NUL_IN_CONTENT
+        else:  # both faults: the first read that holds one decides
+            assert aborts[0].reply in (replies.NUL_IN_CONTENT, replies.BARE_NEWLINE)
+        assert codes_of(driver) == [f"550 {aborts[0].reply.enhanced}"]
+
+
+SMUGGLING_TOKENS = [
+    b"x", b".", b"\r\n", b"\n", b"\r", b"\x00", b"\n.\n", b"\r.\r", b"\r\n.\n", b"\n.\r\n",
+    b"\r\n\x00.\r\n", b"\r\n.\x00\r\n", b"MAIL FROM:<evil@example.com>\r\n",
+    b"RCPT TO:<victim@example.net>\r\n", b"DATA\r\n", b"QUIT\r\n",
+]
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    body=st.lists(st.sampled_from(SMUGGLING_TOKENS), max_size=30).map(b"".join),
+    mode=st.sampled_from(["normalize", "reject"]),
+    cuts=st.lists(st.integers(min_value=0), max_size=10),
+)
+def test_end_of_data_only_at_the_real_end(body: bytes, mode: str, cuts: list[int]) -> None:
+    """Whatever fake ends the content holds, the message ends at the first
+    CRLF.CRLF and only there; the one MAIL after it is the only one seen."""
+    assume(b"\r\n.\r\n" not in b"\r\n" + body + b"\r\n")
+    stream = body + b"\r\n.\r\nMAIL FROM:<next@example.org>\r\n"
+    driver = in_data(Limits(bare_newline=mode))
+    driver.feed_pieces(split(stream, cuts))
+    ends = [i for i, e in enumerate(driver.events) if isinstance(e, (DataEnd, DataAbort))]
+    mails = [e for e in driver.events if isinstance(e, MailFrom)]
+    assert len(ends) == 1 and mails == [MailFrom("next@example.org", {})]
+    assert driver.events[-1] == mails[0]
+    content = driver.content()
+    assert b"\x00" not in content
+    if mode == "normalize":
+        assert driver.events[ends[0]] == DataEnd()
+        assert ends_only_at_the_end(content) and content.endswith(b"\r\n")
 
 
 def dot_stuff(lines: list[bytes]) -> bytes:
@@ -882,7 +1022,7 @@ def dot_unstuff(content: bytes) -> list[bytes]:
 
 
 lines_strategy = st.lists(
-    st.lists(st.sampled_from([b".", b"x", b" ", b"\xff", b"\t", b"\x00"]), max_size=6).map(b"".join), max_size=20
+    st.lists(st.sampled_from([b".", b"x", b" ", b"\xff", b"\t", b"\x01"]), max_size=6).map(b"".join), max_size=20
 )
 
 

@@ -2,6 +2,7 @@
 upstream servers (aiosmtpd processes) on 127.0.0.1."""
 
 import contextlib
+import json
 import smtplib
 import socket
 import ssl
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import MESSAGE, client, wait_until
 
+from smtpdup import logs
 from smtpdup.spool import BLANK_PREFIX
 
 
@@ -246,15 +248,36 @@ def test_bare_newlines_are_normalized_for_every_destination(upstreams, relay):
         assert stored.body_without_trace == b"Subject: lf\r\n\r\nbare\r\nline\r\n.\r\nnot the end\r\n"
 
 
-def test_bare_newlines_rejected_when_configured(upstreams, relay):
+def test_bare_newlines_rejected_when_configured(upstreams, relay, caplog):
     primary = upstreams("primary")
     service = relay(primary.address, smtp_bare_newline="reject")
+    caplog.set_level("INFO", logger="smtpdup")
     with in_data(service) as sock:
         sock.sendall(b"Subject: lf\r\n\r\nbare\nline\r\n.\r\n")
         assert read_replies(sock, 1)[0][:9] == b"550 5.5.2"
     send(service, "a@example.com", ["b@example.com"], b"Subject: ok\r\n\r\nok\r\n")
     [stored] = primary.wait_for(1)
     assert stored.body_without_trace == b"Subject: ok\r\n\r\nok\r\n"
+    # The log says what the client heard, as JSON the way the relay writes it.
+    refused, accepted = [
+        json.loads(logs._JsonLineFormatter().format(r))
+        for r in caplog.records
+        if r.name == "smtpdup.relay" and r.getMessage() == "transaction"
+    ]
+    assert (refused["outcome"], refused["reply"]) == ("rejected", "550 5.5.2 Bare CR or LF in message content")
+    assert (accepted["outcome"], accepted["reply"][:3]) == ("accepted", "250")
+
+
+def test_message_too_big_is_logged_as_refused(upstreams, relay, caplog):
+    primary = upstreams("primary")
+    service = relay(primary.address, smtp_max_message_bytes=100)
+    caplog.set_level("INFO", logger="smtpdup")
+    with in_data(service) as sock:
+        sock.sendall(b"x" * 200 + b"\r\n.\r\n")
+        assert read_replies(sock, 1)[0][:9] == b"552 5.3.4"
+    [line] = [r for r in caplog.records if r.getMessage() == "transaction"]
+    assert (line.outcome, line.reply) == ("rejected", "552 5.3.4 Message too big")
+    assert primary.count() == 0
 
 
 def test_tcp_nodelay_on_inbound_and_primary_sockets(upstreams, relay):
