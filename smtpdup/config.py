@@ -549,7 +549,7 @@ KEYS: Final[tuple[Setting, ...]] = (
             "other clients get 554 5.7.1 and are closed; 0.0.0.0/0,::/0 allows all",
             "list of CIDR"),
     Setting("smtp.bare_newline", _choice("normalize", "reject"), "normalize",
-            "bare LF/CR in DATA: rewrite to CRLF, or reject with 550 5.5.2", "normalize | reject"),
+            "bare LF/CR or NUL in DATA: rewrite (CRLF, NULs removed), or reject with 550 5.5.2 / 550 5.6.0", "normalize | reject"),
     Setting("smtp.tls_cert_file", _string(required=False), "",
             "PEM certificate; with smtp.tls_key_file set too, STARTTLS is offered", "path"),
     Setting("smtp.tls_key_file", _string(required=False), "",
