@@ -10,10 +10,12 @@ the host name; credentials never cross the network in clear.
 from __future__ import annotations
 
 import logging
+import os
 import smtplib
 
+import postfix_tools
 import pytest
-from conftest import MESSAGE, client, make_certificates, wait_until
+from conftest import MESSAGE, Stored, Upstream, client, make_certificates, wait_until
 
 from smtpdup import report
 
@@ -321,3 +323,107 @@ def test_smtplib_client_sees_the_primary_refusal_text_unchanged(upstreams, relay
     with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
         send(service)
     assert refused.value.recipients[RECIPIENT] == (550, b"5.1.1 no such user here")
+
+
+# --- a real Postfix -------------------------------------------------------------
+#
+# One private Postfix instance (Debian's package, loopback ports) for the
+# module: a listener that requires STARTTLS (smtpd_tls_security_level =
+# encrypt) and one in wrapper mode (smtps). It relays what it accepts to an
+# aiosmtpd sink (relayhost), so a test sees the message after Postfix's own
+# queue and delivery, with Postfix's Received header telling how it came in.
+
+postfix_unavailable = postfix_tools.postfix_available()
+
+
+@pytest.fixture(scope="module")
+def postfix(tmp_path_factory, certificates):
+    """(instance, sink): Postfix with listeners "starttls" and "smtps"
+    relaying to an aiosmtpd sink; all stopped by PID at the end."""
+    if postfix_unavailable:
+        pytest.skip(postfix_unavailable)
+    sink = Upstream(tmp_path_factory.mktemp("postfix-sink"), "sink").start()
+    instance = None
+    try:
+        instance = postfix_tools.start_postfix(
+            listeners={
+                "starttls": "",
+                "smtps": "-o smtpd_tls_wrappermode=yes",
+            },
+            settings={
+                "relayhost": f"[127.0.0.1]:{sink.port}",
+                "smtpd_tls_chain_files": f"{certificates.key}, {certificates.cert}",
+                "smtpd_tls_security_level": "encrypt",
+                "smtpd_tls_received_header": "yes",
+            },
+        )
+        yield instance, sink
+    finally:
+        if instance is not None:
+            instance.stop()
+        sink.stop()
+
+
+def arrived_at_sink(sink, subject: bytes) -> Stored:
+    """The message with ``subject`` once Postfix has delivered it to the sink."""
+
+    def find():
+        return [m for m in sink.messages() if b"Subject: " + subject + b"\r\n" in m.content]
+
+    [stored] = wait_until(find, what=f"{subject.decode()} relayed by Postfix")
+    return stored
+
+
+def message(subject: bytes) -> bytes:
+    return MESSAGE.replace(b"Subject: test\r\n", b"Subject: " + subject + b"\r\n")
+
+
+def postfix_received(stored: Stored) -> bytes:
+    """Postfix's own Received header (the first: Postfix prepends it)."""
+    assert stored.content.startswith(b"Received: from "), stored.content[:200]
+    return stored.content.split(b"\r\nReceived: ", 1)[0]
+
+
+@pytest.mark.postfix
+def test_postfix_requiring_starttls_as_primary(postfix, relay, certificates):
+    instance, sink = postfix
+    port = instance.ports["starttls"]
+    service = relay(f"smtp://127.0.0.1:{port}?starttls=require", relay_tls_ca_file=str(certificates.ca))
+    subject = b"primary over STARTTLS " + os.urandom(4).hex().encode()
+    with client(service) as smtp:
+        smtp.sendmail(SENDER, [RECIPIENT], message(subject))
+        code, text = smtp.noop()
+    stored = arrived_at_sink(sink, subject)
+    assert stored.mail_from == SENDER and stored.rcpt_tos == [RECIPIENT]
+    received = postfix_received(stored)
+    assert b"by postfix.test (Postfix) with ESMTPS" in received, received
+    assert b"(smtpdup)" in stored.content  # the relay's own trace header, further down
+    assert stored.content.endswith(message(subject).split(b"\r\n\r\n", 1)[1])
+
+
+@pytest.mark.postfix
+def test_postfix_refuses_the_relay_in_plain_text(postfix, relay):
+    """The control: this Postfix really requires STARTTLS, and its own
+    refusal reaches the client."""
+    instance, sink = postfix
+    service = relay(f"smtp://127.0.0.1:{instance.ports['starttls']}?starttls=off")
+    with client(service) as smtp:
+        smtp.ehlo()
+        code, text = smtp.mail(SENDER)
+    assert code == 530 and b"STARTTLS" in text, (code, text)
+
+
+@pytest.mark.postfix
+def test_postfix_in_wrapper_mode_as_backup(postfix, upstreams, relay, certificates):
+    instance, sink = postfix
+    primary = upstreams("primary")
+    service = relay(primary.address, [f"smtps://127.0.0.1:{instance.ports['smtps']}"],
+                    relay_tls_ca_file=str(certificates.ca))
+    subject = b"backup over smtps " + os.urandom(4).hex().encode()
+    with client(service) as smtp:
+        assert smtp.sendmail(SENDER, [RECIPIENT], message(subject)) == {}
+    primary.wait_for(1)
+    stored = arrived_at_sink(sink, subject)
+    assert stored.rcpt_tos == [RECIPIENT]
+    assert b"by postfix.test (Postfix) with ESMTPS" in postfix_received(stored)
+    wait_until(lambda: not report.queue_entries(service.spool), what="the backup copy to settle")
