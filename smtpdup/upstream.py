@@ -19,6 +19,7 @@ import smtplib
 import socket
 import ssl
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from .config import Destination
 from .reply import Reply
@@ -424,6 +425,34 @@ class Upstream:
 
     def rset(self) -> Reply:
         return self.command(b"RSET")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What one session to a destination showed (``smtpdup check --connect``):
+    its greeting, EHLO extension lines, TLS version (None: plain text) and
+    whether AUTH succeeded; or ``error``, the reply that ended it."""
+
+    greeting: Reply | None
+    extensions: tuple[str, ...] = ()
+    tls: str | None = None
+    authenticated: bool = False
+    error: Reply | None = None
+
+
+def probe(destination: Destination, *, timeout_seconds: float, local_hostname: str, tls_ca_file: str = "") -> Probe:
+    """Open a session to ``destination`` as a delivery would (greeting,
+    EHLO, STARTTLS, AUTH), note what it offers and QUIT: no transaction."""
+    upstream = Upstream(destination, timeout_seconds=timeout_seconds, local_hostname=local_hostname,
+                        tls_ca_file=tls_ca_file)
+    try:
+        upstream.connect()
+    except UpstreamError as exc:
+        return Probe(upstream.greeting, error=exc.reply)
+    try:
+        return Probe(upstream.greeting, tuple(upstream.extensions), upstream.tls, upstream.authenticated)
+    finally:
+        upstream.quit()
 
 
 def _rcpt_line(recipient: str) -> bytes:
