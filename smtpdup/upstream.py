@@ -229,10 +229,18 @@ class Upstream:
                 return
             refusal = Reply.from_smtplib(exc.smtp_code, exc.smtp_error)
             raise UpstreamError(Reply(451, "4.7.5", f"{dest.name} refused STARTTLS: {refusal}")) from None
-        except ssl.SSLError as exc:
+        except smtplib.SMTPException:
+            raise  # the session broke before the handshake
+        except (socket.timeout, TimeoutError):
+            raise  # a plain-text attempt would wait as long again
+        except OSError as exc:
+            # The handshake failed: an SSLError, or the server hung up
+            # (ECONNRESET) because it could not complete its side.
             if starttls == "may" and not isinstance(exc, ssl.SSLCertVerificationError):
                 raise _HandshakeFailed() from None
-            raise
+            if isinstance(exc, ssl.SSLError):
+                raise
+            raise _unavailable(dest, f"TLS handshake failed: {_describe(exc)}") from None
         self.tls = _tls_version(smtp.sock)
         self._hello()
 

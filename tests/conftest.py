@@ -79,7 +79,8 @@ class Upstream:
 
     def __init__(self, directory: Path, name: str, smtputf8: bool = True, pipelining: bool = True,
                  tls: "Certificates | None" = None, smtps: bool = False, auth: str | None = None,
-                 auth_mechanisms: str = "PLAIN,LOGIN", auth_in_clear: bool = False) -> None:
+                 auth_mechanisms: str = "PLAIN,LOGIN", auth_in_clear: bool = False,
+                 tls_max_version: str | None = None) -> None:
         """``tls``: offer STARTTLS with ``tls.cert``/``tls.key`` (``smtps``:
         implicit TLS instead); ``auth`` "user:password": accept that identity
         by AUTH (only once encrypted, unless ``auth_in_clear``)."""
@@ -95,6 +96,7 @@ class Upstream:
         self.auth = auth
         self.auth_mechanisms = auth_mechanisms
         self.auth_in_clear = auth_in_clear
+        self.tls_max_version = tls_max_version
         self.events_path = self.directory / "events.jsonl"
         self.proc: subprocess.Popen | None = None
         self._port = 0
@@ -115,6 +117,8 @@ class Upstream:
             args += ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
             if self.smtps:
                 args.append("--smtps")
+            if self.tls_max_version:
+                args += ["--tls-max-version", self.tls_max_version]
         if self.auth is not None:
             args += ["--auth", self.auth, "--auth-mechanisms", self.auth_mechanisms]
             if self.auth_in_clear:

@@ -95,6 +95,31 @@ def test_may_delivers_in_plain_text_without_starttls(upstreams, relay):
     assert "STARTTLS" not in primary.commands()
 
 
+def test_may_falls_back_to_plain_text_when_the_handshake_fails(upstreams, relay, certificates, caplog):
+    """The server offers STARTTLS but cannot complete a handshake (it speaks
+    only TLS 1.1): opportunistic TLS delivers in plain text, on a new
+    connection, as Postfix does."""
+    primary = upstreams("primary", tls=certificates, tls_max_version="TLSv1_1")
+    service = relay(f"{plain(primary)}?starttls=may")
+    assert send(service) == {}
+    [stored] = primary.wait_for(1)
+    assert not stored.tls
+    commands = primary.commands()
+    assert commands.index("STARTTLS") < commands.index("MAIL")
+    assert commands.count("EHLO") == 2  # the second session, plain text, no STARTTLS
+    assert commands[commands.index("STARTTLS") + 1:].count("STARTTLS") == 0
+
+
+def test_require_fails_cleanly_when_the_handshake_fails(upstreams, relay, certificates, caplog):
+    primary = upstreams("primary", tls=certificates, tls_max_version="TLSv1_1")
+    service = relay(f"{plain(primary)}?starttls=require", relay_tls_ca_file=str(certificates.ca))
+    with caplog.at_level("DEBUG", logger="smtpdup"):
+        code, _ = send_refused(service)
+    assert code == 451
+    assert "MAIL" not in primary.commands()
+    assert "TLS handshake failed" in log_lines(caplog, "primary_unavailable")[0].reply
+
+
 def test_may_encrypts_backup_copies(upstreams, relay, certificates):
     primary = upstreams("primary")
     backup = upstreams("backup", tls=certificates)

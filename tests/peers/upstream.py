@@ -4,7 +4,7 @@ It runs outside the test process on purpose: the tests run under gevent's
 monkey-patching, aiosmtpd under asyncio, and the two do not share a thread.
 
     python upstream.py --store DIR --rules FILE --port-file FILE [--no-smtputf8] [--no-pipelining]
-                       [--tls-cert PEM --tls-key PEM [--smtps]] [--auth USER:PASSWORD
+                       [--tls-cert PEM --tls-key PEM [--smtps] [--tls-max-version V]] [--auth USER:PASSWORD
                        [--auth-mechanisms PLAIN,LOGIN] [--auth-in-clear]] [--events FILE]
 
 Listens on 127.0.0.1, port 0, and writes the port to --port-file once it
@@ -173,6 +173,11 @@ async def serve(args: argparse.Namespace) -> None:
     if args.tls_cert:
         tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls_context.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_max_version:
+            # e.g. TLSv1_1: below what any current client accepts, so every
+            # handshake fails (a broken TLS setup, as some servers have).
+            tls_context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+            tls_context.maximum_version = ssl.TLSVersion[args.tls_max_version]
     options = {}
     if args.auth:
         mechanisms = {m.strip().upper() for m in args.auth_mechanisms.split(",") if m.strip()}
@@ -219,6 +224,7 @@ def main() -> None:
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
     parser.add_argument("--smtps", action="store_true")
+    parser.add_argument("--tls-max-version", help="e.g. TLSv1_1")
     parser.add_argument("--auth", metavar="USER:PASSWORD")
     parser.add_argument("--auth-mechanisms", default="PLAIN,LOGIN")
     parser.add_argument("--auth-in-clear", action="store_true")
