@@ -139,6 +139,7 @@ class Upstream:
         self.greeting: Reply | None = None
         self.tls: str | None = None
         self.authenticated = False
+        self._plain_because = ""  # why a session is in plain text, for an error
         self._smtp: smtplib.SMTP | None = None
 
     # -- connection -----------------------------------------------------
@@ -169,10 +170,12 @@ class Upstream:
         try:
             self._open(self.destination.starttls)
         except _HandshakeFailed:
-            self._open("off")
+            self._open("off", plain_because="the TLS handshake failed")
 
-    def _open(self, starttls: str) -> None:
+    def _open(self, starttls: str, plain_because: str = "") -> None:
         dest = self.destination
+        self._plain_because = plain_because or (
+            "starttls=off" if dest.starttls == "off" else "the destination does not offer STARTTLS")
         self.greeting, self.tls, self.authenticated = None, None, False
         try:
             # The host name goes to smtplib's constructor (which connects):
@@ -226,6 +229,7 @@ class Upstream:
         except smtplib.SMTPResponseException as exc:
             # Refused (454 TLS not available, ...): the destination's words.
             if starttls == "may":
+                self._plain_because = "the destination refused STARTTLS"
                 return
             refusal = Reply.from_smtplib(exc.smtp_code, exc.smtp_error)
             raise UpstreamError(Reply(451, "4.7.5", f"{dest.name} refused STARTTLS: {refusal}")) from None
@@ -261,10 +265,8 @@ class Upstream:
         smtp, dest = self._smtp, self.destination
         assert smtp is not None and dest.username is not None
         if self.tls is None:
-            why = ("starttls=off" if dest.starttls == "off"
-                   else "the destination does not offer STARTTLS")
             raise UpstreamError(Reply(
-                451, "4.7.0", f"{dest.name}: not sending credentials without TLS ({why})"))
+                451, "4.7.0", f"{dest.name}: not sending credentials without TLS ({self._plain_because})"))
         if not smtp.has_extn("auth"):
             raise UpstreamError(Reply(451, "4.7.0", f"{dest.name} does not offer AUTH"))
         offered = smtp.esmtp_features["auth"].upper().split()

@@ -110,6 +110,18 @@ def test_may_falls_back_to_plain_text_when_the_handshake_fails(upstreams, relay,
     assert commands[commands.index("STARTTLS") + 1:].count("STARTTLS") == 0
 
 
+def test_no_credentials_after_a_failed_handshake(upstreams, relay, certificates, caplog):
+    primary = upstreams("primary", tls=certificates, tls_max_version="TLSv1_1", auth=f"relay:{PASSWORD}",
+                        auth_in_clear=True)
+    service = relay(with_auth(primary))
+    with caplog.at_level("DEBUG", logger="smtpdup"):
+        code, _ = send_refused(service)
+    assert code == 451
+    assert "AUTH" not in primary.commands() and "MAIL" not in primary.commands()
+    reply = log_lines(caplog, "primary_unavailable")[0].reply
+    assert "not sending credentials without TLS (the TLS handshake failed)" in reply
+
+
 def test_require_fails_cleanly_when_the_handshake_fails(upstreams, relay, certificates, caplog):
     primary = upstreams("primary", tls=certificates, tls_max_version="TLSv1_1")
     service = relay(f"{plain(primary)}?starttls=require", relay_tls_ca_file=str(certificates.ca))
