@@ -68,10 +68,16 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("run", parents=[common], epilog=CONFIG_EPILOG,
                    help="run the relay (the default)",
                    description="Run the relay until SIGTERM (drain) or SIGINT; SIGHUP reloads the configuration.")
-    sub.add_parser("check", parents=[common], epilog=CONFIG_EPILOG,
-                   help="validate the configuration and print it",
-                   description="Validate the configuration and print every key with its value and source "
-                               "(passwords masked). Exit status 0 when valid, 2 when not.")
+    check = sub.add_parser(
+        "check", parents=[common], epilog=CONFIG_EPILOG,
+        help="validate the configuration and print it",
+        description="Validate everything the relay checks at start (values, TLS certificate and key, "
+                    "CA file, spool directory) and print every key with its value and source "
+                    "(passwords masked). Exit status 0 when valid, 2 when not. Creates nothing.")
+    check.add_argument("--connect", action="store_true",
+                       help="also open a session to every destination (TLS and AUTH as configured), "
+                            "print its greeting and EHLO extensions and QUIT without sending mail; "
+                            "exit status 1 when any cannot be reached or refuses")
 
     queue = sub.add_parser("queue", parents=[common], epilog=CONFIG_EPILOG,
                            help="inspect or change the backup spool",
@@ -141,7 +147,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     command = args.command or "run"
     path = getattr(args, "config", None)
     if command == "run":
+        from .preflight import validate
+
         config = config_module.load(path)
+        validate(config)  # what `check` validates, word for word
         _setup_logs(config)
         try:
             if config.smtp.workers > 1:
@@ -157,12 +166,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise _cannot_listen(exc, config) from None
     if command == "check":
-        config = config_module.load(path)
-        source = f"file {config.path}" if config.path else "no file, defaults and environment only"
-        print(f"# smtpdup {__version__}: configuration is valid ({source})")
-        for line in config_module.describe(config):
-            print(line)
-        return EXIT_OK
+        return _check(config_module.load(path), args.connect)
     if command == "queue":
         return _queue(args, config_module.load(path, require_primary=False))
     if command == "report":
@@ -172,6 +176,58 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "demo":
         return _demo(args.dir, _hostport(args.listen, "--listen"))
     raise UsageError(f"unknown command {command!r}")
+
+
+def _check(config: Config, connect: bool) -> int:
+    from .preflight import validate
+
+    validate(config)
+    source = f"file {config.path}" if config.path else "no file, defaults and environment only"
+    print(f"# smtpdup {__version__}: configuration is valid ({source})")
+    for line in config_module.describe(config):
+        print(line)
+    return _check_connect(config) if connect else EXIT_OK
+
+
+def _check_connect(config: Config) -> int:
+    """A session to every destination at once (each bounded by
+    relay.timeout_seconds), reported in configuration order; 1 if any failed."""
+    import gevent
+
+    from .upstream import probe
+
+    relay = config.relay
+    assert relay.destination_primary is not None
+    destinations = [("primary", relay.destination_primary)]
+    destinations += [("backup", backup) for backup in relay.destination_backups]
+    jobs = [gevent.spawn(probe, destination, timeout_seconds=relay.timeout_seconds,
+                         local_hostname=config.smtp.domain, tls_ca_file=relay.tls_ca_file)
+            for _, destination in destinations]
+    gevent.joinall(jobs)
+    failed = []
+    for (role, destination), job in zip(destinations, jobs):
+        result = job.value
+        print(f"\n# {role} {destination.name}")
+        if result is None:  # a bug in probe: say so, do not hide it
+            print(f"  FAILED: {type(job.exception).__name__}: {job.exception}")
+            failed.append(destination.name)
+            continue
+        if result.greeting is not None:
+            print(f"  greeting: {result.greeting}")
+        if result.error is not None:
+            print(f"  FAILED: {result.error}")
+            failed.append(destination.name)
+            continue
+        print(f"  tls: {result.tls or 'none (plain text)'}")
+        if destination.username:
+            print(f"  auth: as {destination.username}")
+        print(f"  ehlo: {', '.join(result.extensions) or '(none: HELO only)'}")
+        print("  ok: session opened and closed (QUIT) without a transaction")
+    if failed:
+        print(f"smtpdup: check --connect: {len(failed)} of {len(destinations)} destination(s) cannot be used: "
+              f"{', '.join(failed)}", file=sys.stderr)
+        return 1
+    return EXIT_OK
 
 
 def _setup_logs(config: Config) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import resource
 import signal
 import socket
-import ssl
 import time
 from collections.abc import Callable
 
@@ -27,6 +26,7 @@ from . import config as config_module
 from . import logs, metrics
 from .config import Config, ConfigError
 from .delivery import Scheduler
+from .preflight import check_ca_file, server_tls_context
 from .protocol import Limits
 from .relay import Relay
 from .reply import ACCESS_DENIED, SHUTTING_DOWN, TOO_MANY_CONNECTIONS
@@ -39,23 +39,6 @@ log = logs.get("server")
 DRAIN_POLL_SECONDS = 0.05
 # At most this long, at shutdown, for backup deliveries in flight.
 BACKUP_STOP_SECONDS = 5.0
-
-
-def server_tls_context(config: Config) -> ssl.SSLContext | None:
-    """The inbound STARTTLS context, or None when no certificate is set.
-    Raises ConfigError for an unusable certificate or key."""
-    smtp = config.smtp
-    if not smtp.tls_cert_file:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(smtp.tls_cert_file, smtp.tls_key_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"config: smtp.tls_cert_file ({config.sources.get('smtp.tls_cert_file', 'default')}): "
-            f"cannot load certificate/key: {exc}"
-        ) from None
-    return context
 
 
 def limits_for(config: Config, tls: bool) -> Limits:
@@ -232,6 +215,7 @@ class RelayService:
     def reload(self, new: Config) -> None:
         """Apply a new configuration without dropping sessions. Raises
         ConfigError (the old configuration stays) for an unusable one."""
+        check_ca_file(new)
         self.server.reconfigure(new)
         old, self.config = self.config, new
         self.relay.config = new

@@ -14,10 +14,12 @@ work and no copy.
 
 from __future__ import annotations
 
+import os
 import smtplib
 import socket
 import ssl
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from .config import Destination
 from .reply import Reply
@@ -53,14 +55,61 @@ def _unavailable(destination: Destination, what: str) -> UpstreamError:
     return UpstreamError(Reply(451, "4.4.1", f"{destination.name} unavailable: {what}"))
 
 
+class _HandshakeFailed(Exception):
+    """An opportunistic (starttls=may) TLS handshake failed: try in plain text."""
+
+
+# What smtplib.login can do, in its order of preference.
+_AUTH_MECHANISMS = frozenset({"CRAM-MD5", "PLAIN", "LOGIN"})
+
+
+class _KeepsGreeting:
+    """smtplib connects in its constructor (the only way to give it the
+    host name that TLS checks) and drops the greeting; this keeps it."""
+
+    greeting: tuple[int, bytes] = (0, b"")
+
+    def connect(self, host: str = "localhost", port: int = 0, source_address=None) -> tuple[int, bytes]:
+        self.greeting = super().connect(host, port, source_address)  # type: ignore[misc]
+        return self.greeting
+
+
+class _SMTP(_KeepsGreeting, smtplib.SMTP):
+    pass
+
+
+class _SMTPS(_KeepsGreeting, smtplib.SMTP_SSL):
+    pass
+
+
+def _tls_version(sock: socket.socket) -> str:
+    version = getattr(sock, "version", None)
+    return (version() if callable(version) else None) or "TLS"
+
+
+# Client TLS contexts are costly to build (the system store is parsed each
+# time) and safe to share: one per (verify, CA file and its mtime).
+_CONTEXTS: dict[tuple[bool, str, int], ssl.SSLContext] = {}
+
+
 def tls_context(verify: bool, ca_file: str = "") -> ssl.SSLContext:
     """A client TLS context: verified against ``ca_file`` (or the system
-    store) when ``verify``, else opportunistic (encrypted, unverified)."""
-    if verify:
-        return ssl.create_default_context(cafile=ca_file or None)
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    store) with the host name checked when ``verify``, else opportunistic
+    (encrypted, unverified). Raises OSError or ssl.SSLError for a CA file
+    that cannot be loaded."""
+    stamp = os.stat(ca_file).st_mtime_ns if verify and ca_file else 0
+    key = (verify, ca_file if verify else "", stamp)
+    context = _CONTEXTS.get(key)
+    if context is None:
+        if verify:
+            context = ssl.create_default_context(cafile=ca_file or None)
+        else:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if len(_CONTEXTS) > 8:
+            _CONTEXTS.clear()
+        _CONTEXTS[key] = context
     return context
 
 
@@ -70,6 +119,9 @@ class Upstream:
     Every method that talks to the destination returns the destination's
     ``Reply`` or raises :class:`UpstreamError` (after which the session is
     closed). ``timeout_seconds`` bounds the connect and every read and write.
+    After :meth:`connect`, ``greeting`` holds the destination's 220 reply,
+    ``tls`` the TLS version in use (None: plain text) and ``authenticated``
+    whether AUTH succeeded.
     """
 
     def __init__(
@@ -84,6 +136,10 @@ class Upstream:
         self.timeout_seconds = timeout_seconds
         self.local_hostname = local_hostname
         self.tls_ca_file = tls_ca_file
+        self.greeting: Reply | None = None
+        self.tls: str | None = None
+        self.authenticated = False
+        self._plain_because = ""  # why a session is in plain text, for an error
         self._smtp: smtplib.SMTP | None = None
 
     # -- connection -----------------------------------------------------
@@ -92,54 +148,139 @@ class Upstream:
     def connected(self) -> bool:
         return self._smtp is not None
 
+    @property
+    def extensions(self) -> list[str]:
+        """The EHLO reply's extension lines, as the destination sent them
+        (after STARTTLS: the second EHLO's); empty after HELO."""
+        smtp = self._smtp
+        if smtp is None or not smtp.ehlo_resp:
+            return []
+        return smtp.ehlo_resp.decode("utf-8", "replace").splitlines()[1:]
+
     def connect(self) -> None:
         """Open the session: greeting, EHLO (HELO as a fallback), STARTTLS
-        and AUTH as the destination asks. Raises UpstreamError."""
-        dest = self.destination
+        and AUTH as the destination asks. Raises UpstreamError.
+
+        ``starttls=may`` is opportunistic: a destination that does not offer
+        STARTTLS, refuses it, or fails the TLS handshake gets the session in
+        plain text (after a handshake failure, on a new connection), as
+        Postfix's ``smtp_tls_security_level = may`` does. Credentials are
+        never sent in plain text.
+        """
         try:
+            self._open(self.destination.starttls)
+        except _HandshakeFailed:
+            self._open("off", plain_because="the TLS handshake failed")
+
+    def _open(self, starttls: str, plain_because: str = "") -> None:
+        dest = self.destination
+        self._plain_because = plain_because or (
+            "starttls=off" if dest.starttls == "off" else "the destination does not offer STARTTLS")
+        self.greeting, self.tls, self.authenticated = None, None, False
+        try:
+            # The host name goes to smtplib's constructor (which connects):
+            # smtplib names the TLS peer (SNI, the certificate's host name
+            # check) only after what its constructor was given.
             if dest.scheme == "smtps":
-                smtp: smtplib.SMTP = smtplib.SMTP_SSL(
-                    timeout=self.timeout_seconds,
-                    local_hostname=self.local_hostname,
-                    context=tls_context(True, self.tls_ca_file),
+                context = self._context(verify=True)
+                smtp: _SMTP | _SMTPS = _SMTPS(
+                    dest.host, dest.port, timeout=self.timeout_seconds,
+                    local_hostname=self.local_hostname, context=context,
                 )
             else:
-                smtp = smtplib.SMTP(timeout=self.timeout_seconds, local_hostname=self.local_hostname)
-            code, message = smtp.connect(dest.host, dest.port)
-        except (OSError, smtplib.SMTPException) as exc:
+                smtp = _SMTP(dest.host, dest.port, timeout=self.timeout_seconds, local_hostname=self.local_hostname)
+        except smtplib.SMTPConnectError as exc:
+            # A greeting other than 220 (smtplib has closed the socket).
+            raise UpstreamError(Reply.from_smtplib(exc.smtp_code, exc.smtp_error)) from None
+        except (OSError, smtplib.SMTPException, ValueError) as exc:
             raise _unavailable(dest, _describe(exc)) from None
         self._smtp = smtp
         try:
             # In lockstep Nagle's algorithm meets the peer's delayed ACK and
             # stalls every small command by ~40 ms.
             smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if code != 220:
-                raise UpstreamError(Reply.from_smtplib(code, message))
+            self.greeting = Reply.from_smtplib(*smtp.greeting)
+            if dest.scheme == "smtps":
+                self.tls = _tls_version(smtp.sock)
             self._hello()
-            if dest.scheme == "smtp" and dest.starttls != "off":
-                if smtp.has_extn("starttls"):
-                    context = tls_context(dest.starttls == "require", self.tls_ca_file)
-                    code, message = smtp.starttls(context=context)
-                    if code != 220:
-                        raise UpstreamError(Reply.from_smtplib(code, message))
-                    self._hello()
-                elif dest.starttls == "require":
-                    raise UpstreamError(
-                        Reply(451, "4.7.5", f"{dest.name} does not offer STARTTLS (starttls=require)")
-                    )
+            if dest.scheme == "smtp" and starttls != "off":
+                self._starttls(smtp, starttls)
             if dest.username:
-                try:
-                    smtp.login(dest.username, dest.password or "")
-                except smtplib.SMTPAuthenticationError as exc:
-                    raise UpstreamError(Reply.from_smtplib(exc.smtp_code, exc.smtp_error)) from None
-                except smtplib.SMTPNotSupportedError:
-                    raise UpstreamError(Reply(451, "4.7.0", f"{dest.name} does not offer AUTH")) from None
+                self._login()
+        except _HandshakeFailed:
+            self.abort()
+            raise
         except UpstreamError:
             self.abort()
             raise
         except (OSError, smtplib.SMTPException, ValueError) as exc:
             self.abort()
             raise _unavailable(dest, _describe(exc)) from None
+
+    def _starttls(self, smtp: smtplib.SMTP, starttls: str) -> None:
+        dest = self.destination
+        if not smtp.has_extn("starttls"):
+            if starttls == "require":
+                raise UpstreamError(Reply(451, "4.7.5", f"{dest.name} does not offer STARTTLS (starttls=require)"))
+            return
+        context = self._context(verify=starttls == "require")
+        try:
+            smtp.starttls(context=context)
+        except smtplib.SMTPResponseException as exc:
+            # Refused (454 TLS not available, ...): the destination's words.
+            if starttls == "may":
+                self._plain_because = "the destination refused STARTTLS"
+                return
+            refusal = Reply.from_smtplib(exc.smtp_code, exc.smtp_error)
+            raise UpstreamError(Reply(451, "4.7.5", f"{dest.name} refused STARTTLS: {refusal}")) from None
+        except smtplib.SMTPException:
+            raise  # the session broke before the handshake
+        except (socket.timeout, TimeoutError):
+            raise  # a plain-text attempt would wait as long again
+        except OSError as exc:
+            # The handshake failed: an SSLError, or the server hung up
+            # (ECONNRESET) because it could not complete its side.
+            if starttls == "may" and not isinstance(exc, ssl.SSLCertVerificationError):
+                raise _HandshakeFailed() from None
+            if isinstance(exc, ssl.SSLError):
+                raise
+            raise _unavailable(dest, f"TLS handshake failed: {_describe(exc)}") from None
+        self.tls = _tls_version(smtp.sock)
+        self._hello()
+
+    def _context(self, verify: bool) -> ssl.SSLContext:
+        try:
+            return tls_context(verify, self.tls_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise UpstreamError(Reply(
+                451, "4.7.5", f"{self.destination.name}: cannot load relay.tls_ca_file {self.tls_ca_file}: {reason}"
+            )) from None
+
+    def _login(self) -> None:
+        """AUTH with the destination's user and password: only over TLS (a
+        password never crosses the network in clear), only with a mechanism
+        both sides know. A refusal becomes a 4xx (the mail is not at fault:
+        the configuration is), as Postfix's smtp_sasl_auth_soft_bounce."""
+        smtp, dest = self._smtp, self.destination
+        assert smtp is not None and dest.username is not None
+        if self.tls is None:
+            raise UpstreamError(Reply(
+                451, "4.7.0", f"{dest.name}: not sending credentials without TLS ({self._plain_because})"))
+        if not smtp.has_extn("auth"):
+            raise UpstreamError(Reply(451, "4.7.0", f"{dest.name} does not offer AUTH"))
+        offered = smtp.esmtp_features["auth"].upper().split()
+        if not set(offered) & _AUTH_MECHANISMS:
+            raise UpstreamError(Reply(
+                451, "4.7.0",
+                f"{dest.name} offers AUTH {' '.join(offered)}; smtpdup speaks {', '.join(sorted(_AUTH_MECHANISMS))}"))
+        try:
+            smtp.login(dest.username, dest.password or "")
+        except smtplib.SMTPAuthenticationError as exc:
+            refusal = Reply.from_smtplib(exc.smtp_code, exc.smtp_error)
+            raise UpstreamError(Reply(
+                451, "4.7.0", f"{dest.name} refused AUTH as {dest.username}: {refusal}")) from None
+        self.authenticated = True
 
     def _hello(self) -> None:
         assert self._smtp is not None
@@ -296,16 +437,55 @@ class Upstream:
         return self.command(b"RSET")
 
 
+@dataclass(frozen=True)
+class Probe:
+    """What one session to a destination showed (``smtpdup check --connect``):
+    its greeting, EHLO extension lines, TLS version (None: plain text) and
+    whether AUTH succeeded; or ``error``, the reply that ended it."""
+
+    greeting: Reply | None
+    extensions: tuple[str, ...] = ()
+    tls: str | None = None
+    authenticated: bool = False
+    error: Reply | None = None
+
+
+def probe(destination: Destination, *, timeout_seconds: float, local_hostname: str, tls_ca_file: str = "") -> Probe:
+    """Open a session to ``destination`` as a delivery would (greeting,
+    EHLO, STARTTLS, AUTH), note what it offers and QUIT: no transaction."""
+    upstream = Upstream(destination, timeout_seconds=timeout_seconds, local_hostname=local_hostname,
+                        tls_ca_file=tls_ca_file)
+    try:
+        upstream.connect()
+    except UpstreamError as exc:
+        return Probe(upstream.greeting, error=exc.reply)
+    try:
+        return Probe(upstream.greeting, tuple(upstream.extensions), upstream.tls, upstream.authenticated)
+    finally:
+        upstream.quit()
+
+
 def _rcpt_line(recipient: str) -> bytes:
     return b"RCPT TO:<" + recipient.encode("utf-8", "surrogateescape") + b">"
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        # "certificate verify failed: unable to get local issuer certificate",
+        # "... Hostname mismatch, certificate is not valid for 'mx.example'."
+        return f"TLS certificate verify failed: {exc.verify_message or exc.reason}".rstrip(".")
+    if isinstance(exc, ssl.SSLError):
+        reason = (exc.reason or "").replace("_", " ").lower()
+        return f"TLS handshake failed: {reason}" if reason else f"TLS failed: {_first_line(exc)}"
     if isinstance(exc, socket.timeout | TimeoutError):
         return "timed out"
     if isinstance(exc, smtplib.SMTPServerDisconnected):
         return "connection lost" + (f" ({exc})" if str(exc) else "")
     if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, ssl.SSLError):
         return exc.strerror.lower()  # "connection refused", not "[Errno 111] Connection refused"
+    return _first_line(exc)
+
+
+def _first_line(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:200]

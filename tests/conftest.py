@@ -61,6 +61,8 @@ class Stored:
     mail_options: list
     ehlo: str
     content: bytes
+    tls: bool = False  # the session was encrypted (STARTTLS or implicit TLS)
+    auth_login: str | None = None  # the user the session authenticated as
 
     @property
     def body_without_trace(self) -> bytes:
@@ -75,7 +77,13 @@ class Stored:
 class Upstream:
     """An aiosmtpd server in its own process, scripted by a rules file."""
 
-    def __init__(self, directory: Path, name: str, smtputf8: bool = True, pipelining: bool = True) -> None:
+    def __init__(self, directory: Path, name: str, smtputf8: bool = True, pipelining: bool = True,
+                 tls: "Certificates | None" = None, smtps: bool = False, auth: str | None = None,
+                 auth_mechanisms: str = "PLAIN,LOGIN", auth_in_clear: bool = False,
+                 tls_max_version: str | None = None) -> None:
+        """``tls``: offer STARTTLS with ``tls.cert``/``tls.key`` (``smtps``:
+        implicit TLS instead); ``auth`` "user:password": accept that identity
+        by AUTH (only once encrypted, unless ``auth_in_clear``)."""
         self.directory = directory / name
         self.store = self.directory / "store"
         self.store.mkdir(parents=True)
@@ -83,6 +91,13 @@ class Upstream:
         self.port_file = self.directory / "port"
         self.smtputf8 = smtputf8
         self.pipelining = pipelining
+        self.tls = tls
+        self.smtps = smtps
+        self.auth = auth
+        self.auth_mechanisms = auth_mechanisms
+        self.auth_in_clear = auth_in_clear
+        self.tls_max_version = tls_max_version
+        self.events_path = self.directory / "events.jsonl"
         self.proc: subprocess.Popen | None = None
         self._port = 0
         self.set_rules()
@@ -98,6 +113,17 @@ class Upstream:
             args.append("--no-smtputf8")
         if not self.pipelining:
             args.append("--no-pipelining")
+        if self.tls is not None:
+            args += ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
+            if self.smtps:
+                args.append("--smtps")
+            if self.tls_max_version:
+                args += ["--tls-max-version", self.tls_max_version]
+        if self.auth is not None:
+            args += ["--auth", self.auth, "--auth-mechanisms", self.auth_mechanisms]
+            if self.auth_in_clear:
+                args.append("--auth-in-clear")
+        args += ["--events", str(self.events_path)]
         self._port = 0
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return self
@@ -134,8 +160,19 @@ class Upstream:
         for meta_path in sorted(self.store.glob("*.json")):
             meta = json.loads(meta_path.read_text())
             content = meta_path.with_suffix(".eml").read_bytes()
-            result.append(Stored(meta["mail_from"], meta["rcpt_tos"], meta["mail_options"], meta["ehlo"], content))
+            result.append(Stored(meta["mail_from"], meta["rcpt_tos"], meta["mail_options"], meta["ehlo"], content,
+                                 meta.get("tls", False), meta.get("auth_login")))
         return result
+
+    def events(self) -> list[dict]:
+        """Every command the server received so far, in order:
+        ``{"command": "EHLO", "tls": False}`` (the verb only)."""
+        if not self.events_path.exists():
+            return []
+        return [json.loads(line) for line in self.events_path.read_text().splitlines() if line.strip()]
+
+    def commands(self) -> list[str]:
+        return [event["command"] for event in self.events()]
 
     def count(self) -> int:
         return len(list(self.store.glob("*.json")))
@@ -151,8 +188,8 @@ def upstreams(tmp_path):
     stopped (by PID) at teardown."""
     started: list[Upstream] = []
 
-    def make(name: str, smtputf8: bool = True, start: bool = True, pipelining: bool = True) -> Upstream:
-        upstream = Upstream(tmp_path, name, smtputf8, pipelining)
+    def make(name: str, smtputf8: bool = True, start: bool = True, pipelining: bool = True, **tls_auth) -> Upstream:
+        upstream = Upstream(tmp_path, name, smtputf8, pipelining, **tls_auth)
         started.append(upstream)
         return upstream.start() if start else upstream
 
@@ -216,3 +253,56 @@ MESSAGE = (
     b"Hello.\r\n"
     b".A line that starts with a dot.\r\n"
 )
+
+
+@dataclass
+class Certificates:
+    """A test CA and a server certificate it signed, for 127.0.0.1 and
+    localhost; ``ca`` is what a client trusts."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    ca_key: Path | None = None
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+def make_certificates(directory: Path, name: str = "test", names: str = "IP:127.0.0.1,DNS:localhost",
+                      signer: Certificates | None = None) -> Certificates:
+    """A fresh CA (``name`` CA; or ``signer``'s) and a server certificate
+    signed by it, valid two days for ``names`` (a subjectAltName); EC keys,
+    so it is quick."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key, csr = directory / f"{name}-server.pem", directory / f"{name}-server.key", directory / f"{name}.csr"
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    if signer is not None:
+        assert signer.ca_key is not None
+        ca, ca_key = signer.ca, signer.ca_key
+    else:
+        ca, ca_key = directory / f"{name}-ca.pem", directory / f"{name}-ca.key"
+        _openssl("req", "-x509", *ec, "-days", "2", "-subj", f"/CN={name} CA", "-keyout", str(ca_key),
+                 "-out", str(ca), "-addext", "basicConstraints=critical,CA:TRUE",
+                 "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    _openssl("req", *ec, "-subj", f"/CN={name} server", "-keyout", str(key), "-out", str(csr))
+    extensions = directory / f"{name}-ext.cnf"
+    extensions.write_text(f"subjectAltName={names}\nbasicConstraints=CA:FALSE\n"
+                          "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+             "-set_serial", str(int.from_bytes(os.urandom(8), "big")),
+             "-days", "2", "-extfile", str(extensions), "-out", str(cert))
+    return Certificates(ca, cert, key, ca_key)
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory) -> Certificates:
+    """A CA and a server certificate for 127.0.0.1 (see make_certificates)."""
+    return make_certificates(tmp_path_factory.mktemp("tls"), "trusted")
+
+
+@pytest.fixture(scope="session")
+def other_certificates(tmp_path_factory) -> Certificates:
+    """Another CA and server certificate: not trusted by ``certificates.ca``."""
+    return make_certificates(tmp_path_factory.mktemp("tls-other"), "untrusted")

@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,3 +170,142 @@ def run_source(port: int, messages: int, sessions: int = 1, reuse_connections: b
     finally:
         stop(proc)
     return SourceRun(proc.returncode, output.decode(errors="replace"), time.monotonic() - started)
+
+
+# --- a private Postfix instance ------------------------------------------------
+#
+# The whole mail system, not just its load tools: master, smtpd, cleanup,
+# qmgr and the smtp client, from Debian's package, with its own configuration
+# and queue directories and its listeners on 127.0.0.1 only. It never reads
+# /etc/postfix/main.cf and does not disturb a system Postfix.
+
+POSTFIX = Path("/usr/sbin/postfix")
+POSTCONF = Path("/usr/sbin/postconf")
+
+# The services a relaying instance needs; no chroot (the instance's
+# directories are not set up for one), no local delivery, no pickup.
+_MASTER_CF_SERVICES = """\
+cleanup   unix  n - n - 0 cleanup
+qmgr      unix  n - n 300 1 qmgr
+tlsmgr    unix  - - n 1000? 1 tlsmgr
+rewrite   unix  - - n - - trivial-rewrite
+bounce    unix  - - n - 0 bounce
+defer     unix  - - n - 0 bounce
+trace     unix  - - n - 0 bounce
+verify    unix  - - n - 1 verify
+flush     unix  n - n 1000? 0 flush
+proxymap  unix  - - n - - proxymap
+smtp      unix  - - n - - smtp
+relay     unix  - - n - - smtp
+showq     unix  n - n - - showq
+error     unix  - - n - - error
+retry     unix  - - n - - error
+discard   unix  - - n - - discard
+anvil     unix  - - n - 1 anvil
+scache    unix  - - n - 1 scache
+postlog   unix-dgram n - n - 1 postlogd
+"""
+
+
+def postfix_available() -> str | None:
+    """None when a private Postfix instance can run here, else why not."""
+    if not POSTFIX.exists() or not POSTCONF.exists():
+        return f"Postfix not installed ({POSTFIX}): apt-get install postfix"
+    if os.geteuid() != 0:
+        return "a Postfix master must start as root"
+    try:
+        pwd.getpwnam("postfix")
+    except KeyError:
+        return "no 'postfix' user (Debian's postfix package creates it)"
+    return None
+
+
+@dataclass
+class PostfixInstance:
+    """A running private Postfix: ``ports`` by listener name, its log (what
+    its daemons log, via postlogd) in ``log_path``."""
+
+    directory: Path
+    proc: subprocess.Popen
+    ports: dict[str, int]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> int | None:
+        """SIGTERM the master by its PID (it stops its own children), then
+        remove the instance's directories."""
+        try:
+            return stop(self.proc)
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def start_postfix(listeners: dict[str, str], settings: dict[str, str]) -> PostfixInstance:
+    """Start a private Postfix whose smtpd listens on a free 127.0.0.1 port
+    per ``listeners`` entry (name -> extra master.cf ``-o`` options, e.g.
+    ``"-o smtpd_tls_wrappermode=yes"``), with ``settings`` added to its
+    main.cf (e.g. relayhost, smtpd_tls_chain_files). Waits until every
+    listener accepts; RuntimeError (and nothing left running) if not.
+
+    Its directories live in /tmp, outside pytest's 0700 tree: the daemons
+    run as the ``postfix`` user and must reach them.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="smtpdup-postfix-"))
+    directory.chmod(0o755)
+    etc, queue, data = directory / "etc", directory / "queue", directory / "data"
+    for path in (etc, queue, data):
+        path.mkdir()
+    shutil.chown(data, user="postfix")
+    log_path = directory / "maillog"
+    main = {
+        "compatibility_level": "3.6",
+        "config_directory": str(etc),
+        "queue_directory": str(queue),
+        "data_directory": str(data),
+        "mail_owner": "postfix",
+        "setgid_group": "postdrop",
+        # Postfix writes the log to its own stdout: the master's, a file here.
+        "maillog_file": "/dev/stdout",
+        "myhostname": "postfix.test",
+        "mydestination": "",
+        "inet_interfaces": "127.0.0.1",
+        "inet_protocols": "ipv4",
+        "smtp_bind_address": "127.0.0.1",
+        "mynetworks": "127.0.0.0/8",
+        "smtpd_relay_restrictions": "permit_mynetworks, reject",
+        "alias_maps": "",
+        "alias_database": "",
+        "smtp_tls_security_level": "none",
+        **settings,
+    }
+    (etc / "main.cf").write_text("".join(f"{key} = {value}\n" for key, value in main.items()))
+    ports = {name: free_port() for name in listeners}
+    lines = [f"127.0.0.1:{ports[name]} inet n - n - - smtpd {options}".rstrip() for name, options in listeners.items()]
+    (etc / "master.cf").write_text("\n".join(lines) + "\n" + _MASTER_CF_SERVICES)
+    try:
+        # `postfix check` creates the queue directories with their owners.
+        check = subprocess.run([str(POSTFIX), "-c", str(etc), "check"], capture_output=True,
+                               timeout=START_TIMEOUT_SECONDS, stdin=subprocess.DEVNULL)
+        if check.returncode != 0:
+            raise RuntimeError(f"postfix check failed: {(check.stdout + check.stderr).decode(errors='replace')}")
+        daemon_directory = subprocess.run(
+            [str(POSTCONF), "-c", str(etc), "-h", "daemon_directory"], capture_output=True, check=True,
+            timeout=START_TIMEOUT_SECONDS, text=True).stdout.strip()
+    except (RuntimeError, subprocess.SubprocessError):
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    with open(log_path, "wb") as log:
+        # -d: the master stays in the foreground, so its PID is ours to stop.
+        proc = subprocess.Popen([os.path.join(daemon_directory, "master"), "-c", str(etc), "-d"],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    instance = PostfixInstance(directory, proc, ports, log_path)
+    try:
+        for port in ports.values():
+            wait_listening(proc, port)
+    except RuntimeError as exc:
+        text = instance.log()
+        instance.stop()
+        raise RuntimeError(f"{exc}; Postfix log:\n{text[-2000:]}") from None
+    return instance
