@@ -164,12 +164,13 @@ def drain_once(bench: Bench, copies: int) -> dict:
                 next_sample[0] = now + SAMPLE_SECONDS
 
         try:
-            wait_for_sinks(backups, [0, 0], messages, no_progress=DRAIN_NO_PROGRESS_SECONDS,
+            counts = wait_for_sinks(backups, [0, 0], messages, no_progress=DRAIN_NO_PROGRESS_SECONDS,
                            deadline=time.monotonic() + max(300.0, copies / 20), on_poll=on_poll)
         except BenchError as exc:
             raise BenchError(f"{exc} (first deliveries at {first}; relay log: {relay.log_tail(2)}"
                              f"{'; try --drain-fill smtp' if fill == 'spool' else ''})") from None
         drained = time.perf_counter() - t0
+        timeline.append([round(drained, 2), *counts])
         greeter.join(5.0)
         if "error" in ready:
             raise BenchError(ready["error"])

@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--front-workers", type=lambda t: _int_list(t) if t.strip() else [], default=[2],
                         metavar="N[,N]", help=f"{FRONT_CASE}: also a relay with smtp.workers N (default 2; '' for none)")
     parser.add_argument("--drain-copies", type=_int_list, metavar="N[,N]",
-                        help="drain: backlog sizes in copies (default 10000; --quick 400); e.g. 10000,100000")
+                        help="drain: backlog sizes in copies (default 10000,100000; --quick 400)")
     parser.add_argument("--drain-fill", choices=("spool", "smtp"), default="spool",
                         help="drain: write the backlog through smtpdup.spool (fast; default) or send it "
                              "through the relay with the backups down")
@@ -131,7 +131,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "idle_connections": 300 if quick else 10000,
         "big_message_mib": 8 if quick else 100,
         "backlog_copies": 200 if quick else 10000,
-        "drain_copies": [400] if quick else [10000],
+        "drain_copies": [400] if quick else [10000, 100000],
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
