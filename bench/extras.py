@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-import latency
+import latency as paced
 import profile_summary
 from probes import KIB, LOCALHOST, MIB, RECIPIENT, SENDER, BenchError, free_port, progress
 from report import TARGET_CASE, git_commit, label, medians
@@ -48,7 +48,7 @@ def latency(bench: Bench, peak_rate: float | None) -> dict:
                 order.reverse()
             for name, port in order:
                 try:
-                    result = latency.measure(LOCALHOST, port, rate=rate, seconds=args.latency_seconds,
+                    result = paced.measure(LOCALHOST, port, rate=rate, seconds=args.latency_seconds,
                                              workers=args.latency_workers, size_bytes=KIB, recipients=1)
                 except (OSError, SmtpError, ValueError) as exc:
                     result = {"error": str(exc)}

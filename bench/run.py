@@ -237,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
                                            "requirements_differ": bench.baseline.notes}
             progress(f"baseline {args.baseline} = {bench.baseline.commit[:12]} in {bench.baseline.path}")
         if args.profile:
-            results["profile"] = extras.profile(bench)
+            try:
+                results["profile"] = extras.profile(bench)
+            except (BenchError, OSError, SmtpError, subprocess.TimeoutExpired) as exc:
+                print(f"bench: --profile: {exc}", file=sys.stderr)
+                return 1
             progress(f"profile written to {Path(args.out) / 'profile-relay.txt'}")
             return 0
         for case in main_cases():

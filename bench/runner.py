@@ -13,9 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from probes import (CLOCK_TICKS, HELO, KIB, LOCALHOST, SENDER, BenchError, Processes, progress)
-from report import (FRONT_CASE, TARGET_CASE, TARGET_NOREUSE_CASE, TARGET_PRIMARY_ONLY_CASE, label, medians,
-                    run_ratios)
+from probes import CLOCK_TICKS, HELO, KIB, LOCALHOST, SENDER, BenchError, Processes, progress
+from report import FRONT_CASE, TARGET_PRIMARY_ONLY_CASE, label, medians, run_ratios
 from smtpclient import load as python_load
 from systems import (Baseline, Direct, FrontRoute, Postfix, PostfixFront, PrivatePostfix, Relay, Sink, System,
                      Tools)

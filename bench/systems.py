@@ -336,8 +336,8 @@ class Baseline:
             raise BenchError(f"--baseline {self.ref}: not a commit in this repository "
                              f"(try a commit id, a branch or HEAD~1)") from None
         path = self.workdir / f"baseline-{self.commit[:12]}"
+        self.path = path  # set first: an interrupted add is removed as well
         self._git("worktree", "add", "--detach", str(path), self.commit)
-        self.path = path
         probe = subprocess.run([sys.executable, "-c", "import smtpdup; print(smtpdup.__file__)"],
                                env={**os.environ, "PYTHONPATH": str(path)}, cwd=self.workdir,
                                capture_output=True, text=True, timeout=60)
@@ -378,11 +378,16 @@ class Baseline:
     def remove(self) -> None:
         if self.path is None:
             return
+        path, self.path = self.path, None
+        listed = subprocess.run(["git", "worktree", "list", "--porcelain"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=60).stdout.splitlines()
+        if f"worktree {path}" not in listed:
+            shutil.rmtree(path, ignore_errors=True)  # the add did not get that far
+            return
         try:
-            self._git("worktree", "remove", "--force", str(self.path), timeout=60)
+            self._git("worktree", "remove", "--force", str(path), timeout=60)
         except (BenchError, subprocess.TimeoutExpired) as exc:
-            progress(f"baseline: {exc}; remove {self.path} and run `git worktree prune` by hand")
-        self.path = None
+            progress(f"baseline: {exc}; remove {path} and run `git worktree prune` by hand")
 
 
 # --- private Postfix instances ----------------------------------------------------------
