@@ -17,7 +17,7 @@ from datetime import datetime  # noqa: E402
 
 import pytest  # noqa: E402
 
-from smtpdup import logs, metrics  # noqa: E402
+from smtpdup import __version__, logs, metrics  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -154,13 +154,19 @@ def test_metrics_endpoint_serves_registry(serve):
     assert 'smtpdup_transactions_total{outcome="aborted"}' in text
     assert 'smtpdup_spool_copies{state="dead"}' in text
     assert "smtpdup_primary_latency_seconds_bucket" in text
-    # Only our own registry: no process/platform collectors, no *_created.
+    # Our own registry: the standard process_* series, no python_gc_*, no *_created.
     assert "python_gc_" not in text and "_created" not in text
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds",
+                 "process_start_time_seconds"):
+        assert f"\n{name} " in text, name
+    assert f'smtpdup_build_info{{version="{__version__}"}} 1.0' in text
 
 
-def test_every_metric_is_named_smtpdup():
+def test_every_metric_is_named_smtpdup_or_process():
     names = [m.name for m in metrics.REGISTRY.collect()]
-    assert names and all(name.startswith("smtpdup_") for name in names)
+    ours = [name for name in names if name.startswith("smtpdup_")]
+    assert ours and all(name.startswith(("smtpdup_", "process_")) for name in names)
+    assert {"process_resident_memory_bytes", "process_open_fds"} <= set(names)
 
 
 def test_counter_increment_is_visible(serve):
@@ -181,8 +187,43 @@ def test_declare_destinations_creates_zero_series(serve):
     base = serve()
     metrics.declare_destinations(["backup.example:25"])
     text = fetch(base + "/metrics")[2].decode()
-    assert 'smtpdup_backup_deliveries_total{destination="backup.example:25",outcome="dead"} 0.0' in text
+    assert 'smtpdup_backup_attempts_total{destination="backup.example:25",outcome="dead"} 0.0' in text
     assert 'smtpdup_backup_refused_recipients_total{destination="backup.example:25"} 0.0' in text
+    assert 'smtpdup_backup_pending_copies{destination="backup.example:25"} 0.0' in text
+    assert 'smtpdup_backup_oldest_pending_age_seconds{destination="backup.example:25"} 0.0' in text
+    assert "backup_deliveries" not in text
+    assert metrics.BACKUP_DELIVERIES is metrics.BACKUP_ATTEMPTS  # the older name still works
+
+
+def test_declare_destinations_drops_gauges_of_a_removed_backup(serve):
+    base = serve()
+    metrics.declare_destinations(["old.example:25", "kept.example:25"])
+    metrics.BACKUP_PENDING_COPIES.labels(destination="old.example:25").set(3)
+    metrics.declare_destinations(["kept.example:25"])
+    text = fetch(base + "/metrics")[2].decode()
+    assert 'smtpdup_backup_pending_copies{destination="old.example:25"}' not in text
+    assert 'smtpdup_backup_oldest_pending_age_seconds{destination="old.example:25"}' not in text
+    assert 'smtpdup_backup_pending_copies{destination="kept.example:25"} 0.0' in text
+    # Counters stay: they count what happened.
+    assert 'smtpdup_backup_attempts_total{destination="old.example:25",outcome="delivered"}' in text
+
+
+def test_process_tree_collector_adds_up_processes():
+    import os
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    def series(pids):
+        registry = CollectorRegistry()
+        registry.register(metrics.ProcessTreeCollector(lambda: pids))
+        return {line.split(" ")[0]: float(line.split(" ")[1])
+                for line in generate_latest(registry).decode().splitlines() if not line.startswith("#")}
+
+    alone, two = series([os.getpid()]), series([os.getpid(), 1])
+    one = series([1])
+    assert two["process_open_fds"] >= alone["process_open_fds"] + one["process_open_fds"] - 5
+    assert two["process_resident_memory_bytes"] > alone["process_resident_memory_bytes"]
+    assert two["process_start_time_seconds"] == alone["process_start_time_seconds"]  # the first's
 
 
 def test_readyz_follows_callable(serve):
