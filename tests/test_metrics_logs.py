@@ -263,3 +263,93 @@ def test_head_has_no_body(serve):
     base = serve()
     status, _, body = fetch(base + "/healthz", method="HEAD")
     assert status == 200 and body == b""
+
+
+# --- the JSON log of a running relay ----------------------------------------
+
+
+def _records(stream) -> list[dict]:
+    """Every line of ``stream`` parsed as JSON (a line that is not fails the test)."""
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def _operations_section() -> str:
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("\n## Operations")
+    return readme[start:readme.index("\n## ", start + 1)]
+
+
+def test_transaction_and_backup_attempt_lines_carry_the_documented_fields(upstreams, relay, log_stream):
+    import ipaddress
+    import smtplib
+
+    from conftest import MESSAGE, wait_until
+
+    logs.setup(level="info", fmt="json", stream=log_stream)
+    primary, backup = upstreams("primary"), upstreams("backup")
+    service = relay(primary.address, [backup.address])
+    host, port = service.address
+    with smtplib.SMTP(host, port, timeout=10) as smtp:
+        smtp.sendmail("alice@example.com", ["bob@example.com", "carol@example.com"], MESSAGE)
+    backup.wait_for(1)
+    wait_until(lambda: any(r["event"] == "backup_attempt" for r in _records(log_stream)), what="backup_attempt line")
+
+    records = _records(log_stream)
+    transaction = next(r for r in records if r["event"] == "transaction")
+    attempt = next(r for r in records if r["event"] == "backup_attempt")
+    assert set(logs.TRANSACTION_FIELDS) <= set(transaction), set(logs.TRANSACTION_FIELDS) - set(transaction)
+    assert set(logs.BACKUP_ATTEMPT_FIELDS) <= set(attempt), set(logs.BACKUP_ATTEMPT_FIELDS) - set(attempt)
+    # client is the peer's IP address, no port (as documented).
+    assert ipaddress.ip_address(transaction["client"]) == ipaddress.ip_address("127.0.0.1")
+    # size: the content as the client sent it (dot-stuffed), as smtp.max_message_bytes counts it.
+    assert transaction["recipients"] == 2 and transaction["size"] == len(MESSAGE.replace(b"\r\n.", b"\r\n.."))
+    assert transaction["sender"] == "alice@example.com" and transaction["reply"].startswith("250")
+    assert attempt["queue_id"] == transaction["queue_id"] and attempt["destination"] == backup.address
+    assert attempt["outcome"] == "delivered" and attempt["delivered"] == 2
+    # Never the content.
+    assert "Hello." not in log_stream.getvalue()
+
+    # The README lists every one of these fields.
+    section = _operations_section()
+    missing = [f for f in (*logs.TRANSACTION_FIELDS, *logs.BACKUP_ATTEMPT_FIELDS) if f"`{f}`" not in section]
+    assert not missing, f"README Operations does not list {missing}"
+
+
+HUB_ERRORS = r"""
+from gevent import monkey; monkey.patch_all()
+import gevent
+from smtpdup import logs
+from smtpdup.blocking import blocking, log_hub_errors
+
+logs.setup("info", "json")
+log_hub_errors()
+
+def read_spool_file():
+    with open("/nonexistent/smtpdup-spool/msg/0123", "rb") as f:
+        return f.read()
+
+try:
+    blocking(read_spool_file)
+except OSError:
+    pass  # the caller handles it, as delivery.py does
+gevent.spawn(lambda: 1 / 0).join()
+print("done", flush=True)
+"""
+
+
+def test_gevent_error_printing_becomes_one_json_line_each(tmp_path):
+    """A threadpool task's and a greenlet's traceback: one JSON record each
+    on stderr, nothing else (gevent would print raw multi-line tracebacks)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", HUB_ERRORS], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0 and run.stdout == "done\n", run.stderr
+    lines = run.stderr.splitlines()
+    records = [json.loads(line) for line in lines]  # every line is JSON
+    assert [(r["event"], r["level"]) for r in records] == [
+        ("threadpool_task_failed", "warning"), ("greenlet_failed", "error")]
+    assert "FileNotFoundError" in records[0]["exc_info"] and "read_spool_file" in records[0]["function"]
+    assert "ZeroDivisionError" in records[1]["exc_info"]
