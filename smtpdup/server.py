@@ -276,8 +276,6 @@ def run_relay(
     service.start()
     if ready is not None:
         ready(service.server)
-    # Listening and delivering: systemd (Type=notify) may start dependants.
-    notify.ready(_status(service))
     stop = Event()
 
     def reload() -> None:
@@ -297,6 +295,9 @@ def run_relay(
     gevent.signal_handler(signal.SIGTERM, stop.set)
     gevent.signal_handler(signal.SIGINT, stop.set)
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
+    # Listening, delivering, and the signals handled: systemd (Type=notify)
+    # may start dependants, and stop or reload us.
+    notify.ready(_status(service))
     stop.wait()
     notify.stopping()
     service.stop()

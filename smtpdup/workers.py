@@ -166,8 +166,8 @@ def run_workers(config: Config, metrics_dir: str, load_config: Callable[[], Conf
         http = metrics.serve(config.metrics.listen, ready=lambda: not state["draining"], registry=registry)
         servers.append(http)
     address = f"{config.smtp.listen.host}:{listener.getsockname()[1]}"
-    status = f"relaying on {address} with {count} workers"
-    waiter = gevent.spawn(_await_workers, started_read, count, lambda: notify.ready(status))
+    summary = f"relaying on {address} with {count} workers"
+    waiter = gevent.spawn(_await_workers, started_read, count, lambda: notify.ready(summary))
     greenlets.append(waiter)
 
     def terminate() -> None:
@@ -186,12 +186,12 @@ def run_workers(config: Config, metrics_dir: str, load_config: Callable[[], Conf
         except ConfigError as exc:
             log.error("reload_failed", extra={"error": str(exc)})
             metrics.record_config_load(False)
-            notify.ready(f"{status}; last reload rejected: {exc}")
+            notify.ready(f"{summary}; last reload rejected: {exc}")
             return
         metrics.record_config_load(True)
         for pid in list(children):
             _signal(pid, signal.SIGHUP)
-        notify.ready(status)
+        notify.ready(summary)
 
     watchers.append(gevent.signal_handler(signal.SIGTERM, terminate))
     watchers.append(gevent.signal_handler(signal.SIGINT, terminate))
