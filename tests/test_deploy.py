@@ -37,6 +37,7 @@ import pytest
 import yaml
 from conftest import ROOT, START_TIMEOUT, free_port, relay_environ, wait_until
 
+from smtpdup import __version__
 from smtpdup import config as config_module
 
 DEPLOY = ROOT / "deploy"
@@ -510,6 +511,8 @@ def test_notify_protocol_reload_gauges_and_dashboard_metrics(upstreams, relay_pr
     loaded_at = _gauge(scrape, "smtpdup_config_last_reload_timestamp_seconds")
     assert abs(loaded_at - time.time()) < 60
     assert _gauge(scrape, "process_resident_memory_bytes") > 0
+    assert _gauge(scrape, f'smtpdup_build_info{{version="{__version__}"}}') == 1
+    assert _gauge(scrape, f'smtpdup_backup_pending_copies{{destination="{backup.address}"}}') == 0
 
     # A rejected configuration: RELOADING, READY again (the old one runs), gauge 0.
     config_path.write_text("relay:\n  timeout_seconds: soon\n")
