@@ -15,6 +15,18 @@
 
 FROM python:3.11-slim
 
+# OCI annotations (https://github.com/opencontainers/image-spec/blob/main/annotations.md).
+# Set version and revision at build time:
+#   docker build --build-arg VERSION=$(python3 -c 'import smtpdup; print(smtpdup.__version__)') \
+#     --build-arg REVISION=$(git rev-parse HEAD) -t smtpdup .
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="smtpdup" \
+      org.opencontainers.image.description="SMTP relay that duplicates mail for mail-server migrations: synchronous primary, spooled asynchronous backups" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.base.name="docker.io/library/python:3.11-slim"
+
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -33,8 +45,10 @@ COPY pyproject.toml ./
 COPY smtpdup ./smtpdup
 RUN pip install --no-deps . && rm -rf build *.egg-info
 
-RUN groupadd --system smtpdup \
-    && useradd --system --gid smtpdup --home-dir /var/spool/smtpdup --shell /usr/sbin/nologin smtpdup \
+# A fixed, numeric uid/gid: Kubernetes' runAsNonRoot can only verify a
+# numeric USER, and deploy/kubernetes/ sets runAsUser/fsGroup to the same.
+RUN groupadd --system --gid 10025 smtpdup \
+    && useradd --system --uid 10025 --gid smtpdup --home-dir /var/spool/smtpdup --shell /usr/sbin/nologin smtpdup \
     && install -d -o smtpdup -g smtpdup -m 0750 /var/spool/smtpdup
 
 ENV SMTP_DUP_RELAY_SPOOL_DIR=/var/spool/smtpdup \
@@ -45,10 +59,13 @@ ENV SMTP_DUP_RELAY_SPOOL_DIR=/var/spool/smtpdup \
 VOLUME /var/spool/smtpdup
 EXPOSE 2525 9925
 
-USER smtpdup
+USER 10025:10025
 
-# /healthz on the port the metrics listener actually uses.
+# `smtpdup health` probes what this configuration runs: /healthz on
+# metrics.listen, or (SMTP_DUP_METRICS_LISTEN= empty: metrics disabled) the
+# SMTP greeting on smtp.listen. Exit 0 healthy, 1 not; a wildcard address
+# is probed on loopback. Its own timeout (4 s) stays below --timeout.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('SMTP_DUP_METRICS_LISTEN', '0.0.0.0:9925').rsplit(':', 1)[1]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=4)"]
+    CMD ["smtpdup", "health"]
 
 ENTRYPOINT ["smtpdup"]

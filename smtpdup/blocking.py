@@ -10,15 +10,24 @@ microseconds on a virtual machine, where every cross-CPU wake-up is an
 interrupt). :class:`Batch` makes one trip serve every greenlet that asked
 while the previous trip was under way: concurrent sessions share their
 fsyncs and commits (group commit), deliveries share their state updates.
+
+gevent prints the traceback of every exception raised in a threadpool task
+or a greenlet to stderr, as raw lines, even when the caller receives the
+exception and handles it (a spool file that cannot be read). In a stream of
+JSON lines that is unparsable noise: :func:`log_hub_errors` sends them
+through the ``smtpdup`` logger instead, one record each.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 import gevent
 from gevent.event import AsyncResult
+
+from . import logs
 
 T = TypeVar("T")
 Item = TypeVar("Item")
@@ -85,3 +94,41 @@ def each(function: Callable[[Item], object]) -> Callable[[list[Item]], list[Base
         return errors
 
     return work
+
+
+_hub_log = logs.get("hub")
+
+
+def log_hub_errors() -> None:
+    """Make this thread's gevent hub log the errors it would print.
+
+    A threadpool task's exception also reaches the caller of ``blocking``,
+    whose own log line names the queue id and the fault: here it is a
+    warning (``threadpool_task_failed``) with the traceback. An exception
+    that ends a greenlet reaches nobody else: an error (``greenlet_failed``).
+    Both are one record, so one JSON line. Idempotent."""
+    hub = gevent.get_hub()
+    # gevent's documented hook: an instance attribute with the method's
+    # signature (``Hub.handle_error`` calls ``self.print_exception``).
+    hub.print_exception = _log_exception
+
+
+def _log_exception(context: object, kind: type | None, value: BaseException | None, tb: object) -> None:
+    try:
+        exc_info = (kind, value, tb) if kind is not None else None
+        # gevent's threadpool reports (its worker, the function) as context.
+        if isinstance(context, tuple) and len(context) == 2 and type(context[0]).__module__ == "gevent.threadpool":
+            function = context[1]
+            name = getattr(function, "__qualname__", None) or repr(function)
+            _hub_log.warning("threadpool_task_failed", exc_info=exc_info, extra={"function": name})
+        else:
+            _hub_log.error("greenlet_failed", exc_info=exc_info, extra={"greenlet": _describe(context)})
+    except Exception as exc:  # the hub's hook must never raise (gevent's rule)
+        sys.stderr.write(f"smtpdup: cannot log a gevent error: {exc!r}\n")
+
+
+def _describe(context: object) -> str:
+    try:
+        return repr(context)[:200]
+    except Exception:  # a broken __repr__
+        return type(context).__name__

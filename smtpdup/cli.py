@@ -103,6 +103,17 @@ def _parser() -> argparse.ArgumentParser:
                         help="period to report on: a number with m, h or d (default: 24h)")
     report.add_argument("--json", action="store_true", help="print one JSON object")
 
+    health = sub.add_parser(
+        "health", parents=[common], epilog=CONFIG_EPILOG,
+        help="probe the running relay (for container health checks)",
+        description="Probe the relay that runs with this configuration: GET /healthz on metrics.listen "
+                    "when metrics are enabled, else an SMTP connection to smtp.listen that must be "
+                    "greeted (then QUIT). A wildcard listen address is probed on loopback. "
+                    "Exit status 0 healthy, 1 not (a configuration error included).",
+    )
+    health.add_argument("--timeout", type=float, default=HEALTH_TIMEOUT_SECONDS, metavar="SECONDS",
+                        help="give up after this long (default: %(default)s)")
+
     sink = sub.add_parser(
         "sink", help="a capturing SMTP server storing each message as a file",
         description="Accept every message (from loopback and private networks) and store it as a file "
@@ -171,6 +182,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _queue(args, config_module.load(path, require_primary=False))
     if command == "report":
         return _report(args, config_module.load(path, require_primary=False))
+    if command == "health":
+        return _health(path, args.timeout)
     if command == "sink":
         return _sink(_hostport(args.listen, "--listen"), args.maildir, args.domain)
     if command == "demo":
@@ -228,6 +241,69 @@ def _check_connect(config: Config) -> int:
               f"{', '.join(failed)}", file=sys.stderr)
         return 1
     return EXIT_OK
+
+
+# Below Docker's HEALTHCHECK --timeout (5s in the Dockerfile), so that the
+# probe reports its own reason instead of being killed.
+HEALTH_TIMEOUT_SECONDS = 4.0
+# Where a wildcard listen address is reached from inside the same host.
+_LOOPBACK_FOR = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
+
+
+def _health(path: str | None, timeout: float) -> int:
+    """``smtpdup health``: 0 when the relay answers, 1 when not. Never 2,
+    which Docker reserves: a broken configuration is unhealthy too."""
+    try:
+        config = config_module.load(path, require_primary=False)
+    except ConfigError as exc:
+        print(f"smtpdup health: unhealthy: {exc}", file=sys.stderr)
+        return 1
+    if config.metrics.listen is not None:
+        healthy, what = _probe_healthz(config.metrics.listen, timeout)
+    else:
+        healthy, what = _probe_greeting(config.smtp.listen, timeout)
+    if healthy:
+        print(f"smtpdup health: healthy: {what}")
+        return EXIT_OK
+    print(f"smtpdup health: unhealthy: {what}", file=sys.stderr)
+    return 1
+
+
+def _probe_healthz(listen: HostPort, timeout: float) -> tuple[bool, str]:
+    import http.client
+
+    host = _LOOPBACK_FOR.get(listen.host, listen.host)
+    where = f"http://{HostPort(host, listen.port)}/healthz (metrics.listen)"
+    connection = http.client.HTTPConnection(host, listen.port, timeout=timeout)
+    try:
+        connection.request("GET", "/healthz")
+        status = connection.getresponse().status
+    except (OSError, http.client.HTTPException) as exc:
+        return False, f"{where}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
+    finally:
+        connection.close()
+    return status == 200, f"{where} answered {status}"
+
+
+def _probe_greeting(listen: HostPort, timeout: float) -> tuple[bool, str]:
+    import smtplib
+
+    host = _LOOPBACK_FOR.get(listen.host, listen.host)
+    where = f"{HostPort(host, listen.port)} (smtp.listen)"
+    try:
+        smtp = smtplib.SMTP(host, listen.port, timeout=timeout)
+    except smtplib.SMTPConnectError as exc:
+        reply = f"{exc.smtp_code} {exc.smtp_error.decode(errors='replace')}"
+        # 554 5.7.1: the relay greets this address with its refusal (loopback
+        # is outside smtp.allowed_networks): it is up and answering all the same.
+        return exc.smtp_code == 554, f"{where} greeted with {reply}"
+    except (OSError, smtplib.SMTPException) as exc:
+        return False, f"{where}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
+    try:
+        smtp.quit()
+    except (OSError, smtplib.SMTPException):
+        smtp.close()
+    return True, f"{where} greeted with 220"
 
 
 def _setup_logs(config: Config) -> None:

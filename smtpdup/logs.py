@@ -4,7 +4,7 @@ This module owns the handler and formatter of the ``smtpdup`` logger and the
 stable names of log fields. Library code never configures logging; it does
 
     log = logs.get("relay")          # logging.getLogger("smtpdup.relay")
-    log.info("transaction", extra={logs.QUEUE_ID: qid, logs.CODE: 250})
+    log.info("transaction", extra={"queue_id": qid, "reply": str(reply)})
 
 The message is the *event*: a stable snake_case name, never a sentence and
 never formatted with data (``%s`` arguments are allowed but discouraged);
@@ -22,7 +22,16 @@ Text (``fmt="text"``), one line, logfmt-style values::
     2025-01-01T12:00:00.123Z info transaction queue_id=abc code=250
 
 A traceback (``log.exception``) goes in the ``exc_info`` field in JSON and on
-the following lines in text.
+the following lines in text. gevent's own error printing (a threadpool task
+or a greenlet that raised) is routed here too (``blocking.log_hub_errors``).
+
+Field names are spelled alike everywhere: ``queue_id``, ``client`` (the
+inbound peer's IP address, no port), ``sender``, ``destination`` (display
+form, password masked), ``reply`` (an SMTP reply as text, never content),
+``outcome``, ``error``, and units in names (``duration_ms``).
+``TRANSACTION_FIELDS`` and ``BACKUP_ATTEMPT_FIELDS`` name what the two lines
+an operator queries most carry; the README lists the same, and a test holds
+the code to both.
 """
 
 from __future__ import annotations
@@ -45,26 +54,17 @@ TIME = "time"
 LEVEL = "level"
 LOGGER = "logger"
 EVENT = "event"
-EXC_INFO = "exc_info"
+EXC_INFO = "exc_info"  # the traceback, when there is one (python-json-logger names it)
 
-# Stable names for extra= fields, so that every module spells them alike and
-# log queries keep working. Units are in the names, as in the configuration.
-QUEUE_ID = "queue_id"
-SESSION_ID = "session_id"
-CLIENT = "client"  # "ip:port" of the inbound peer
-SENDER = "sender"
-RECIPIENT = "recipient"
-RECIPIENT_COUNT = "recipient_count"
-SIZE_BYTES = "size_bytes"
-DESTINATION = "destination"  # display form, password masked
-CODE = "code"  # SMTP reply code
-ENHANCED_CODE = "enhanced_code"
-REPLY = "reply"  # SMTP reply text (never content)
-DURATION_MS = "duration_ms"
-ATTEMPT = "attempt"
-OUTCOME = "outcome"
-ERROR = "error"
-REASON = "reason"
+# The "transaction" line (relay.py), one per message: the client's IP, the
+# envelope sender, how many recipients the primary accepted, the content's
+# size in bytes as the client sent it (dot-stuffed), the primary's final reply, the outcome as in
+# smtpdup_transactions_total, the time from MAIL to the reply.
+TRANSACTION_FIELDS = ("queue_id", "client", "sender", "recipients", "size", "reply", "outcome", "duration_ms")
+# The "backup_attempt" line (delivery.py), one per attempt at one backup:
+# how many of the copy's recipients were delivered, deferred, dead.
+BACKUP_ATTEMPT_FIELDS = ("queue_id", "destination", "attempt", "reply", "outcome",
+                         "delivered", "deferred", "dead", "duration_ms")
 
 # LogRecord attributes that are not extra= fields ("taskName" is new in 3.12).
 _RECORD_ATTRS = frozenset(RESERVED_ATTRS) | {"taskName"}

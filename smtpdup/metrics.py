@@ -5,10 +5,17 @@ HTTP server for ``/metrics``, ``/healthz`` and ``/readyz``. Other modules
 import the objects and update them; they never create metrics of their own.
 
 The objects are module singletons registered once in ``REGISTRY``, a registry
-of our own rather than prometheus_client's global one: importing this module
-twice (tests, reloads) cannot raise "Duplicated timeseries", and nothing a
-library registers globally leaks into our output. Several relays in one
-process (tests) share the counters; tests assert on differences, not totals.
+of our own rather than prometheus_client's global one: nothing a library
+registers globally leaks into our output. Besides the ``smtpdup_*`` series it
+carries the standard ``process_*`` series (memory, CPU, descriptors, start
+time) every Prometheus user expects. Several relays in one process (tests)
+share the counters; tests assert on differences, not totals.
+
+With ``smtp.workers`` > 1 each worker writes its values to prometheus_client's
+multiprocess directory and the supervisor serves ``supervisor_registry()``:
+the workers' values combined as each gauge's ``multiprocess_mode`` says, and
+``process_*`` summed over the supervisor and its workers (one relay, one set
+of series, as an operator reads them).
 
 Label values must be bounded: ``outcome`` takes the values listed below and
 ``destination`` the configured backups in display form (password masked,
@@ -17,6 +24,7 @@ never a recipient or sender).
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 import gevent.pywsgi
@@ -26,11 +34,13 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from smtpdup import logs
+from smtpdup import __version__, logs
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIEnvironment
@@ -40,6 +50,8 @@ if TYPE_CHECKING:
 disable_created_metrics()
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# process_* of this process (Linux /proc; elsewhere it yields nothing).
+ProcessCollector(registry=REGISTRY)
 
 CONNECTION_OUTCOMES = ("accepted", "denied_network", "over_limit")
 TRANSACTION_OUTCOMES = ("accepted", "rejected", "deferred", "aborted")
@@ -75,8 +87,11 @@ PRIMARY_LATENCY = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
     registry=REGISTRY,
 )
-BACKUP_DELIVERIES = Counter(
-    "smtpdup_backup_deliveries",
+# Counts attempts, not copies: a copy deferred three times then delivered
+# is 3 deferred + 1 delivered. BACKUP_DELIVERIES is the older name of the
+# same object (callers keep working).
+BACKUP_ATTEMPTS = BACKUP_DELIVERIES = Counter(
+    "smtpdup_backup_attempts",
     "Backup delivery attempts by destination and outcome: delivered, deferred (will retry), dead",
     ["destination", "outcome"],
     registry=REGISTRY,
@@ -101,6 +116,46 @@ SPOOL_OLDEST_AGE = Gauge(
     multiprocess_mode="livemax",
 )
 
+# Per backup: what the migration is waiting for. Set by the scheduler
+# (delivery.py) from its own view of the spool; a worker counts its share,
+# so the supervisor adds pending copies and takes the oldest age.
+BACKUP_PENDING_COPIES = Gauge(
+    "smtpdup_backup_pending_copies",
+    "Backup copies waiting for delivery (not dead), by destination",
+    ["destination"],
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+BACKUP_OLDEST_PENDING_AGE = Gauge(
+    "smtpdup_backup_oldest_pending_age_seconds",
+    "Age of the oldest backup copy waiting for delivery (0 when none), by destination",
+    ["destination"],
+    registry=REGISTRY,
+    multiprocess_mode="livemax",
+)
+BUILD_INFO = Gauge(
+    "smtpdup_build_info",
+    "Always 1; the label says which smtpdup runs",
+    ["version"],
+    registry=REGISTRY,
+    multiprocess_mode="max",
+)
+BUILD_INFO.labels(version=__version__).set(1)
+# As Prometheus's own prometheus_config_last_reload_*: alert on == 0.
+# Several workers: 0 when any live process failed the last reload.
+CONFIG_RELOAD_SUCCESSFUL = Gauge(
+    "smtpdup_config_last_reload_successful",
+    "1 when the last configuration load (start or SIGHUP) succeeded, 0 when it was rejected",
+    registry=REGISTRY,
+    multiprocess_mode="livemin",
+)
+CONFIG_RELOAD_TIME = Gauge(
+    "smtpdup_config_last_reload_timestamp_seconds",
+    "Unix time of the last configuration load (start or SIGHUP), successful or not",
+    registry=REGISTRY,
+    multiprocess_mode="livemax",
+)
+
 # Series that exist from the start read 0 instead of being absent, so that
 # rate() and alerts work before the first event of each kind.
 for _outcome in CONNECTION_OUTCOMES:
@@ -113,11 +168,75 @@ for _state in SPOOL_STATES:
 
 def declare_destinations(destinations: Iterable[str]) -> None:
     """Create the zero-valued series of each backup ``destination`` (display
-    form, password masked). Idempotent; call at start and after a reload."""
-    for destination in destinations:
+    form, password masked). Idempotent; call at start and after a reload.
+
+    The per-destination gauges of a backup no longer configured are
+    removed (a frozen "pending" would page somebody forever); its counters
+    stay, as counters do.
+    """
+    names = list(destinations)
+    for destination in names:
         for outcome in BACKUP_OUTCOMES:
-            BACKUP_DELIVERIES.labels(destination=destination, outcome=outcome)
+            BACKUP_ATTEMPTS.labels(destination=destination, outcome=outcome)
         BACKUP_REFUSED_RECIPIENTS.labels(destination=destination)
+        BACKUP_PENDING_COPIES.labels(destination=destination)
+        BACKUP_OLDEST_PENDING_AGE.labels(destination=destination)
+    for gauge in (BACKUP_PENDING_COPIES, BACKUP_OLDEST_PENDING_AGE):
+        for (destination,) in _label_values(gauge):
+            if destination not in names:
+                gauge.remove(destination)
+
+
+def _label_values(metric: Any) -> list[tuple[str, ...]]:
+    # prometheus_client has no public listing of a metric's children.
+    with metric._lock:
+        return list(metric._metrics)
+
+
+def record_config_load(successful: bool) -> None:
+    """Set the last-reload gauges: at start (successful) and after each SIGHUP."""
+    CONFIG_RELOAD_SUCCESSFUL.set(1 if successful else 0)
+    CONFIG_RELOAD_TIME.set(time.time())
+
+
+class ProcessTreeCollector:
+    """The ``process_*`` series of several processes added up (a supervisor
+    and its workers: ``pids()`` lists them, the supervisor first).
+
+    Memory, CPU time and open descriptors are sums; the start time and the
+    descriptor limit are the first process's. The CPU time of a worker that
+    died leaves the sum with it, which ``rate()`` reads as a counter reset.
+    """
+
+    def __init__(self, pids: Callable[[], Iterable[int]]) -> None:
+        self._pids = pids
+
+    def collect(self) -> Iterable[Metric]:
+        totals: dict[str, Metric] = {}
+        for index, pid in enumerate(self._pids()):
+            for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():
+                value = family.samples[0].value
+                merged = totals.get(family.name)
+                if merged is None:
+                    kind = CounterMetricFamily if family.type == "counter" else GaugeMetricFamily
+                    totals[family.name] = kind(family.name, family.documentation, value=value)
+                elif family.name not in ("process_start_time_seconds", "process_max_fds"):
+                    sample = merged.samples[0]
+                    merged.samples[0] = sample._replace(value=sample.value + value)
+        return list(totals.values())
+
+
+def supervisor_registry(metrics_dir: str, pids: Callable[[], Iterable[int]]) -> CollectorRegistry:
+    """What the supervisor of several workers serves: every worker's (and
+    its own) ``smtpdup_*`` values from ``metrics_dir``, and the ``process_*``
+    series of ``pids()`` added up. Needs ``PROMETHEUS_MULTIPROC_DIR`` set
+    before prometheus_client was imported (workers.prepare_metrics)."""
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=metrics_dir)
+    registry.register(ProcessTreeCollector(pids))
+    return registry
 
 
 class HostPort(Protocol):

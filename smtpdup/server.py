@@ -23,7 +23,8 @@ from gevent.event import Event
 from gevent.server import StreamServer
 
 from . import config as config_module
-from . import logs, metrics
+from . import logs, metrics, notify
+from .blocking import log_hub_errors
 from .config import Config, ConfigError
 from .delivery import Scheduler
 from .preflight import check_ca_file, server_tls_context
@@ -198,6 +199,7 @@ class RelayService:
         in the background meanwhile."""
         config = self.config
         metrics.declare_destinations(b.name for b in config.relay.destination_backups)
+        metrics.record_config_load(True)
         self.server.start()
         if config.metrics.listen is not None and self.serve_metrics:
             try:
@@ -253,6 +255,7 @@ def run_relay(
     when a listening address cannot be bound.
     """
     raise_fd_limit()
+    log_hub_errors()
     service = RelayService(config)
     service.start()
     if ready is not None:
@@ -260,20 +263,34 @@ def run_relay(
     stop = Event()
 
     def reload() -> None:
+        notify.reloading()
         try:
             new = load_config() if load_config is not None else config_module.load(service.config.path)
             service.reload(new)
         except ConfigError as exc:
             log.error("reload_failed", extra={"error": str(exc)})
+            metrics.record_config_load(False)
+            notify.ready(f"{_status(service)}; last reload rejected: {exc}")
             return
+        metrics.record_config_load(True)
         logs.setup(new.log.level, new.log.format)
+        notify.ready(_status(service))
 
     gevent.signal_handler(signal.SIGTERM, stop.set)
     gevent.signal_handler(signal.SIGINT, stop.set)
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
+    # Listening, delivering, and the signals handled: systemd (Type=notify)
+    # may start dependants, and stop or reload us.
+    notify.ready(_status(service))
     stop.wait()
+    notify.stopping()
     service.stop()
     return 0
+
+
+def _status(service: RelayService) -> str:
+    host, port = service.address
+    return f"relaying on {host}:{port}"
 
 
 def _version() -> str:

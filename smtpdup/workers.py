@@ -15,7 +15,9 @@ doubles what a machine relays. The supervisor here
   prometheus_client's multiprocess mode), ``/healthz`` and ``/readyz``;
 * forwards SIGTERM/SIGINT (drain) and SIGHUP (reload, after checking the
   new configuration itself), restarts a worker that died, and exits 0 once
-  every worker has drained.
+  every worker has drained;
+* speaks for the relay to systemd (notify.py): READY=1 once every worker
+  has said, through a pipe, that it listens and delivers.
 
 ``prepare_metrics`` must run before prometheus_client is first imported.
 """
@@ -33,7 +35,8 @@ from collections.abc import Callable
 import gevent
 from gevent.event import Event
 
-from . import logs
+from . import logs, notify
+from .blocking import log_hub_errors
 from .config import Config, ConfigError
 
 log = logs.get("workers")
@@ -45,6 +48,9 @@ RESTART_DELAY_SECONDS = 1.0
 # Beyond the drain grace, how long a worker may take to exit before SIGKILL.
 EXIT_MARGIN_SECONDS = 15.0
 LISTEN_BACKLOG = 1024
+# How long the supervisor waits for every worker to start before telling
+# systemd READY=1 anyway (a worker that fails is restarted and logged).
+READY_TIMEOUT_SECONDS = 60.0
 
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -69,14 +75,23 @@ def _listen(config: Config) -> socket.socket:
 
 
 def _worker(config: Config, listener: socket.socket, index: int, count: int,
-            load_config: Callable[[], Config]) -> None:
-    """The body of a worker process; never returns."""
+            load_config: Callable[[], Config], started: int) -> None:
+    """The body of a worker process; never returns. Writes a byte to the
+    pipe ``started`` once it listens and delivers."""
+    from . import metrics
     from .server import RelayService
 
     status = 1
+    # Only the supervisor speaks to systemd (NotifyAccess=main).
+    os.environ.pop(notify.ENV, None)
+    log_hub_errors()
     try:
         service = RelayService(config, listener=listener, share=(index, count), serve_metrics=False)
         service.start()
+        try:
+            os.write(started, b"+")
+        except OSError:
+            pass  # the supervisor is gone; SIGTERM follows
         stop = Event()
 
         def reload() -> None:
@@ -84,6 +99,9 @@ def _worker(config: Config, listener: socket.socket, index: int, count: int,
                 service.reload(load_config())
             except ConfigError as exc:
                 log.error("reload_failed", extra={"error": str(exc), "worker": index})
+                metrics.record_config_load(False)
+                return
+            metrics.record_config_load(True)
 
         gevent.signal_handler(signal.SIGTERM, stop.set)
         gevent.signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
@@ -101,14 +119,16 @@ def run_workers(config: Config, metrics_dir: str, load_config: Callable[[], Conf
     """Supervise ``config.smtp.workers`` relay processes until SIGTERM;
     returns the exit status. Raises OSError if the address cannot be bound,
     SpoolError if the spool is unusable."""
-    from prometheus_client import CollectorRegistry, multiprocess
+    from prometheus_client import multiprocess
 
     from . import metrics
     from .server import raise_fd_limit
     from .spool import Spool
 
     raise_fd_limit()
+    log_hub_errors()
     listener = _listen(config)
+    started_read, started_write = os.pipe()
     removed = Spool(config.relay.spool_dir).recover()
     count = config.smtp.workers
     children: dict[int, int] = {}  # pid -> worker index
@@ -116,6 +136,7 @@ def run_workers(config: Config, metrics_dir: str, load_config: Callable[[], Conf
     # signals nor answer its metrics scrapes.
     watchers: list = []
     servers: list = []
+    greenlets: list = []
 
     def spawn(index: int) -> None:
         pid = os.fork()
@@ -124,10 +145,13 @@ def run_workers(config: Config, metrics_dir: str, load_config: Callable[[], Conf
                 watcher.cancel()
             for server in servers:
                 server.close()
-            _worker(state["config"], listener, index, count, load_config)
+            for greenlet in greenlets:
+                greenlet.kill(block=False)
+            _worker(state["config"], listener, index, count, load_config, started_write)
         children[pid] = index
 
     state = {"draining": False, "config": config}
+    metrics.record_config_load(True)
 
     for index in range(count):
         spawn(index)
@@ -138,27 +162,36 @@ def run_workers(config: Config, metrics_dir: str, load_config: Callable[[], Conf
 
     http = None
     if config.metrics.listen is not None:
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=metrics_dir)
+        registry = metrics.supervisor_registry(metrics_dir, lambda: [os.getpid(), *children])
         http = metrics.serve(config.metrics.listen, ready=lambda: not state["draining"], registry=registry)
         servers.append(http)
+    address = f"{config.smtp.listen.host}:{listener.getsockname()[1]}"
+    summary = f"relaying on {address} with {count} workers"
+    waiter = gevent.spawn(_await_workers, started_read, count, lambda: notify.ready(summary))
+    greenlets.append(waiter)
 
     def terminate() -> None:
         if state["draining"]:
             return
         state["draining"] = True
+        notify.stopping()
         log.info("draining", extra={"workers": sorted(children)})
         for pid in list(children):
             _signal(pid, signal.SIGTERM)
 
     def reload() -> None:
+        notify.reloading()
         try:
             state["config"] = load_config()
         except ConfigError as exc:
             log.error("reload_failed", extra={"error": str(exc)})
+            metrics.record_config_load(False)
+            notify.ready(f"{summary}; last reload rejected: {exc}")
             return
+        metrics.record_config_load(True)
         for pid in list(children):
             _signal(pid, signal.SIGHUP)
+        notify.ready(summary)
 
     watchers.append(gevent.signal_handler(signal.SIGTERM, terminate))
     watchers.append(gevent.signal_handler(signal.SIGINT, terminate))
@@ -184,12 +217,36 @@ def run_workers(config: Config, metrics_dir: str, load_config: Callable[[], Conf
             log.error("worker_died", extra={"worker": index, "pid": pid, "status": status})
             gevent.sleep(RESTART_DELAY_SECONDS)
             spawn(index)
+    waiter.kill(block=True, timeout=1)
     if http is not None:
         http.stop(timeout=1)
     listener.close()
+    os.close(started_read)
+    os.close(started_write)
     shutil.rmtree(metrics_dir, ignore_errors=True)
     log.info("stopped", extra={"workers": count})
     return 0
+
+
+def _await_workers(started: int, count: int, then: Callable[[], object]) -> None:
+    """Call ``then`` once ``count`` workers have written to the pipe
+    ``started`` (each once it listens), or after READY_TIMEOUT_SECONDS."""
+    from gevent.os import make_nonblocking, nb_read
+
+    make_nonblocking(started)
+    seen = 0
+    with gevent.Timeout(READY_TIMEOUT_SECONDS, False):
+        while seen < count:
+            chunk = nb_read(started, count)
+            if not chunk:
+                break
+            seen += len(chunk)
+    if seen < count:
+        log.warning("workers_slow_to_start", extra={"started": seen, "workers": count})
+    then()
+    # Workers restarted later write too: keep the pipe drained.
+    while nb_read(started, 64):
+        pass
 
 
 def _signal(pid: int, signum: int) -> None:

@@ -17,7 +17,7 @@ from datetime import datetime  # noqa: E402
 
 import pytest  # noqa: E402
 
-from smtpdup import logs, metrics  # noqa: E402
+from smtpdup import __version__, logs, metrics  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -154,13 +154,19 @@ def test_metrics_endpoint_serves_registry(serve):
     assert 'smtpdup_transactions_total{outcome="aborted"}' in text
     assert 'smtpdup_spool_copies{state="dead"}' in text
     assert "smtpdup_primary_latency_seconds_bucket" in text
-    # Only our own registry: no process/platform collectors, no *_created.
+    # Our own registry: the standard process_* series, no python_gc_*, no *_created.
     assert "python_gc_" not in text and "_created" not in text
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds",
+                 "process_start_time_seconds"):
+        assert f"\n{name} " in text, name
+    assert f'smtpdup_build_info{{version="{__version__}"}} 1.0' in text
 
 
-def test_every_metric_is_named_smtpdup():
+def test_every_metric_is_named_smtpdup_or_process():
     names = [m.name for m in metrics.REGISTRY.collect()]
-    assert names and all(name.startswith("smtpdup_") for name in names)
+    ours = [name for name in names if name.startswith("smtpdup_")]
+    assert ours and all(name.startswith(("smtpdup_", "process_")) for name in names)
+    assert {"process_resident_memory_bytes", "process_open_fds"} <= set(names)
 
 
 def test_counter_increment_is_visible(serve):
@@ -181,8 +187,43 @@ def test_declare_destinations_creates_zero_series(serve):
     base = serve()
     metrics.declare_destinations(["backup.example:25"])
     text = fetch(base + "/metrics")[2].decode()
-    assert 'smtpdup_backup_deliveries_total{destination="backup.example:25",outcome="dead"} 0.0' in text
+    assert 'smtpdup_backup_attempts_total{destination="backup.example:25",outcome="dead"} 0.0' in text
     assert 'smtpdup_backup_refused_recipients_total{destination="backup.example:25"} 0.0' in text
+    assert 'smtpdup_backup_pending_copies{destination="backup.example:25"} 0.0' in text
+    assert 'smtpdup_backup_oldest_pending_age_seconds{destination="backup.example:25"} 0.0' in text
+    assert "backup_deliveries" not in text
+    assert metrics.BACKUP_DELIVERIES is metrics.BACKUP_ATTEMPTS  # the older name still works
+
+
+def test_declare_destinations_drops_gauges_of_a_removed_backup(serve):
+    base = serve()
+    metrics.declare_destinations(["old.example:25", "kept.example:25"])
+    metrics.BACKUP_PENDING_COPIES.labels(destination="old.example:25").set(3)
+    metrics.declare_destinations(["kept.example:25"])
+    text = fetch(base + "/metrics")[2].decode()
+    assert 'smtpdup_backup_pending_copies{destination="old.example:25"}' not in text
+    assert 'smtpdup_backup_oldest_pending_age_seconds{destination="old.example:25"}' not in text
+    assert 'smtpdup_backup_pending_copies{destination="kept.example:25"} 0.0' in text
+    # Counters stay: they count what happened.
+    assert 'smtpdup_backup_attempts_total{destination="old.example:25",outcome="delivered"}' in text
+
+
+def test_process_tree_collector_adds_up_processes():
+    import os
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    def series(pids):
+        registry = CollectorRegistry()
+        registry.register(metrics.ProcessTreeCollector(lambda: pids))
+        return {line.split(" ")[0]: float(line.split(" ")[1])
+                for line in generate_latest(registry).decode().splitlines() if not line.startswith("#")}
+
+    alone, two = series([os.getpid()]), series([os.getpid(), 1])
+    one = series([1])
+    assert two["process_open_fds"] >= alone["process_open_fds"] + one["process_open_fds"] - 5
+    assert two["process_resident_memory_bytes"] > alone["process_resident_memory_bytes"]
+    assert two["process_start_time_seconds"] == alone["process_start_time_seconds"]  # the first's
 
 
 def test_readyz_follows_callable(serve):
@@ -222,3 +263,93 @@ def test_head_has_no_body(serve):
     base = serve()
     status, _, body = fetch(base + "/healthz", method="HEAD")
     assert status == 200 and body == b""
+
+
+# --- the JSON log of a running relay ----------------------------------------
+
+
+def _records(stream) -> list[dict]:
+    """Every line of ``stream`` parsed as JSON (a line that is not fails the test)."""
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def _operations_section() -> str:
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("\n## Operations")
+    return readme[start:readme.index("\n## ", start + 1)]
+
+
+def test_transaction_and_backup_attempt_lines_carry_the_documented_fields(upstreams, relay, log_stream):
+    import ipaddress
+    import smtplib
+
+    from conftest import MESSAGE, wait_until
+
+    logs.setup(level="info", fmt="json", stream=log_stream)
+    primary, backup = upstreams("primary"), upstreams("backup")
+    service = relay(primary.address, [backup.address])
+    host, port = service.address
+    with smtplib.SMTP(host, port, timeout=10) as smtp:
+        smtp.sendmail("alice@example.com", ["bob@example.com", "carol@example.com"], MESSAGE)
+    backup.wait_for(1)
+    wait_until(lambda: any(r["event"] == "backup_attempt" for r in _records(log_stream)), what="backup_attempt line")
+
+    records = _records(log_stream)
+    transaction = next(r for r in records if r["event"] == "transaction")
+    attempt = next(r for r in records if r["event"] == "backup_attempt")
+    assert set(logs.TRANSACTION_FIELDS) <= set(transaction), set(logs.TRANSACTION_FIELDS) - set(transaction)
+    assert set(logs.BACKUP_ATTEMPT_FIELDS) <= set(attempt), set(logs.BACKUP_ATTEMPT_FIELDS) - set(attempt)
+    # client is the peer's IP address, no port (as documented).
+    assert ipaddress.ip_address(transaction["client"]) == ipaddress.ip_address("127.0.0.1")
+    # size: the content as the client sent it (dot-stuffed), as smtp.max_message_bytes counts it.
+    assert transaction["recipients"] == 2 and transaction["size"] == len(MESSAGE.replace(b"\r\n.", b"\r\n.."))
+    assert transaction["sender"] == "alice@example.com" and transaction["reply"].startswith("250")
+    assert attempt["queue_id"] == transaction["queue_id"] and attempt["destination"] == backup.address
+    assert attempt["outcome"] == "delivered" and attempt["delivered"] == 2
+    # Never the content.
+    assert "Hello." not in log_stream.getvalue()
+
+    # The README lists every one of these fields.
+    section = _operations_section()
+    missing = [f for f in (*logs.TRANSACTION_FIELDS, *logs.BACKUP_ATTEMPT_FIELDS) if f"`{f}`" not in section]
+    assert not missing, f"README Operations does not list {missing}"
+
+
+HUB_ERRORS = r"""
+from gevent import monkey; monkey.patch_all()
+import gevent
+from smtpdup import logs
+from smtpdup.blocking import blocking, log_hub_errors
+
+logs.setup("info", "json")
+log_hub_errors()
+
+def read_spool_file():
+    with open("/nonexistent/smtpdup-spool/msg/0123", "rb") as f:
+        return f.read()
+
+try:
+    blocking(read_spool_file)
+except OSError:
+    pass  # the caller handles it, as delivery.py does
+gevent.spawn(lambda: 1 / 0).join()
+print("done", flush=True)
+"""
+
+
+def test_gevent_error_printing_becomes_one_json_line_each(tmp_path):
+    """A threadpool task's and a greenlet's traceback: one JSON record each
+    on stderr, nothing else (gevent would print raw multi-line tracebacks)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", HUB_ERRORS], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0 and run.stdout == "done\n", run.stderr
+    lines = run.stderr.splitlines()
+    records = [json.loads(line) for line in lines]  # every line is JSON
+    assert [(r["event"], r["level"]) for r in records] == [
+        ("threadpool_task_failed", "warning"), ("greenlet_failed", "error")]
+    assert "FileNotFoundError" in records[0]["exc_info"] and "read_spool_file" in records[0]["function"]
+    assert "ZeroDivisionError" in records[1]["exc_info"]
