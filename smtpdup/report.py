@@ -149,6 +149,9 @@ def build_report(spool: Spool, since: float, destinations: Sequence[str] = ()) -
             found = tallies[destination] = _Tally()
         return found
 
+    # Copy id -> recipients journalled as delivered: the relay may not have
+    # written a delivered copy's state yet while sibling copies are under way.
+    delivered_copies: dict[object, set[str]] = {}
     for event in spool.journal_since(since):
         kind = event.get("event")
         if kind not in ("delivered", "refused"):
@@ -161,9 +164,12 @@ def build_report(spool: Spool, since: float, destinations: Sequence[str] = ()) -
             t.delivered += 1
             recipients = event.get("recipients")
             if isinstance(recipients, list):
+                done = delivered_copies.setdefault(event.get("id"), set())
                 for recipient in recipients:
-                    if isinstance(recipient, str) and when >= t.delivered_at.get(recipient, when):
-                        t.delivered_at[recipient] = when
+                    if isinstance(recipient, str):
+                        done.add(recipient)
+                        if when >= t.delivered_at.get(recipient, when):
+                            t.delivered_at[recipient] = when
         else:
             recipient = event.get("recipient")
             if not isinstance(recipient, str):
@@ -179,6 +185,10 @@ def build_report(spool: Spool, since: float, destinations: Sequence[str] = ()) -
                     entry[1], entry[2] = when, reply
     for message in spool.messages():
         for copy in message.pending():
+            if copy.attempts and set(copy.recipients) <= delivered_copies.get(
+                copy_id(message.queue_id, copy.index), set()
+            ):
+                continue  # delivered; its state is written with its siblings'
             t = tally(copy.destination)
             if t is not None:
                 t.pending += 1
