@@ -89,10 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     flush.add_argument("--destination", metavar="DEST", help="only the copies for this backup (as `queue list` shows it)")
     requeue = queue_sub.add_parser(
         "requeue", parents=[common], help="make dead copies pending again (like postsuper -r)",
-        description="Make dead copies pending again and due now, attempts reset, their history kept: "
-                    "each becomes a new copy (a new id) for its destination and its dead recipients "
-                    "alone; a running relay delivers it within seconds. ID is a copy (QUEUEID.N) or "
-                    "every dead copy of a message (QUEUEID).",
+        description="Make dead copies pending again and due now, attempts reset, their history kept "
+                    "(like postsuper -r): each becomes a new copy (a new id) for its destination and its "
+                    "dead recipients alone; a running relay delivers it within seconds. ID is a copy "
+                    "(QUEUEID.N) or every dead copy of a message (QUEUEID).",
     )
     _selection(requeue, "requeue")
     delete = queue_sub.add_parser(
