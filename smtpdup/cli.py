@@ -17,6 +17,7 @@ import errno  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
+import stat  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -27,6 +28,7 @@ from .config import Config, ConfigError, HostPort, parse_hostport  # noqa: E402
 from .spool import SpoolError  # noqa: E402
 
 EXIT_OK = 0
+EXIT_NOT_READY = 1  # `report`: a backup is NOT READY
 EXIT_USAGE = 2
 
 DESCRIPTION = """\
@@ -87,12 +89,32 @@ def _parser() -> argparse.ArgumentParser:
                                    description="List every copy in the spool: id, age, sender, recipients, "
                                                "destination, state (pending or dead), attempts, last reply.")
     listing.add_argument("--json", action="store_true", help="print a JSON array of copies")
-    queue_sub.add_parser("flush", parents=[common], help="make every pending copy due now",
-                         description="Make every pending copy due now; a running relay delivers within seconds.")
-    delete = queue_sub.add_parser("delete", parents=[common], help="delete a copy or a whole message",
-                                  description="Delete one copy (ID as shown by `queue list`, e.g. QUEUEID.0) "
-                                              "or every copy of a message (QUEUEID), pending or dead.")
-    delete.add_argument("id", metavar="ID")
+    flush = queue_sub.add_parser("flush", parents=[common], help="make pending copies due now",
+                                 description="Make every pending copy (or every one for DEST) due now; "
+                                             "a running relay delivers them within seconds.")
+    flush.add_argument("--destination", metavar="DEST", help="only the copies for this backup (as `queue list` shows it)")
+    requeue = queue_sub.add_parser(
+        "requeue", parents=[common], help="make dead copies pending again (like postsuper -r)",
+        description="Make dead copies pending again and due now, attempts reset, their history kept "
+                    "(like postsuper -r): each becomes a new copy (a new id) for its destination and its "
+                    "dead recipients alone; a running relay delivers it within seconds. ID is a copy "
+                    "(QUEUEID.N) or every dead copy of a message (QUEUEID).",
+    )
+    _selection(requeue, "requeue")
+    delete = queue_sub.add_parser(
+        "delete", parents=[common], help="delete copies, pending or dead",
+        description="Delete copies: one copy (ID as shown by `queue list`, e.g. QUEUEID.0) or every copy "
+                    "of a message (QUEUEID), pending or dead; --dead every dead copy; --destination "
+                    "every copy, pending or dead, for that backup.",
+    )
+    _selection(delete, "delete")
+    show = queue_sub.add_parser(
+        "show", parents=[common], help="one copy in detail",
+        description="One copy (QUEUEID.N; QUEUEID shows each copy of the message): envelope, destination, "
+                    "state, every attempt with its time and reply, then the message's header section.",
+    )
+    show.add_argument("id", metavar="ID")
+    show.add_argument("--body", action="store_true", help="print the whole message, body included")
 
     report = sub.add_parser("report", parents=[common], epilog=CONFIG_EPILOG,
                             help="migration readiness per backup",
@@ -139,6 +161,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--listen", default="127.0.0.1:2525", metavar="HOST:PORT",
                       help="address of the relay (default: %(default)s)")
     return parser
+
+
+def _selection(parser: argparse.ArgumentParser, verb: str) -> None:
+    """ID... | --dead | --destination DEST, exactly one of them."""
+    parser.add_argument("ids", metavar="ID", nargs="*", help=f"copies or messages to {verb}")
+    parser.add_argument("--dead", action="store_true", help=f"{verb} every dead copy")
+    parser.add_argument("--destination", metavar="DEST",
+                        help=f"{verb} every {'dead ' if verb == 'requeue' else ''}copy for this backup "
+                             "(as `queue list` shows it)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -317,34 +348,190 @@ def _hostport(text: str, option: str) -> HostPort:
         raise UsageError(f"{option}: {exc}") from None
 
 
-def _spool(config: Config):
+def _admin_spool(config: Config):
+    """The spool for `queue` and `report`: never created. As root on a
+    spool owned by another user, first become that user (groups, gid, uid),
+    so that whatever these commands write belongs to the spool's owner and a
+    relay running as that user is never disturbed."""
     from .spool import Spool
 
-    return Spool(config.relay.spool_dir)
+    path = config.relay.spool_dir
+    where = f"relay.spool_dir ({config.sources.get('relay.spool_dir', 'default')})"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{where}: spool directory {os.path.abspath(path)} does not exist: the relay has not "
+                         "run with this configuration (or fix relay.spool_dir / --config)") from None
+    except OSError as exc:
+        raise UsageError(f"{where}: cannot read {os.path.abspath(path)}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{where}: {os.path.abspath(path)} is not a directory")
+    if os.geteuid() == 0 and st.st_uid != 0:
+        # Paths are looked up from the spool itself: the working directory
+        # (or a parent of the spool) may be closed to that user.
+        os.chdir(path)
+        _become(st.st_uid, st.st_gid)
+        path = "."
+    try:
+        return Spool(path, create=False)
+    except SpoolError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+
+
+def _become(uid: int, gid: int) -> None:
+    """Drop root for good: the groups of the user ``uid`` (or ``gid`` alone
+    when it has no passwd entry), then its gid, then the uid."""
+    import pwd
+
+    try:
+        user = pwd.getpwuid(uid)
+        gid = user.pw_gid
+        groups = os.getgrouplist(user.pw_name, gid)
+    except KeyError:
+        groups = [gid]
+    os.setgroups(groups)
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _selected(args: argparse.Namespace, verb: str) -> None:
+    """Exactly one of ID..., --dead, --destination."""
+    given = [bool(args.ids), bool(getattr(args, "dead", False)), args.destination is not None]
+    if sum(given) != 1:
+        raise UsageError(f"queue {verb}: give IDs, --dead or --destination DEST (one of them)")
+
+
+def _check_destination(destination: str, config: Config, entries) -> str:
+    """``destination`` as the spool names it: a configured backup (its name
+    or its configured form) or one that copies in the spool name. Else a
+    UsageError listing the configured ones."""
+    known = {b.name for b in config.relay.destination_backups} | {e.destination for e in entries}
+    if destination in known:
+        return destination
+    try:
+        name = config_module.parse_destination(destination).name
+    except (ValueError, TypeError):
+        name = None
+    if name in known:
+        return name
+    configured = ", ".join(b.name for b in config.relay.destination_backups) or "none"
+    raise UsageError(f"--destination: no backup destination {destination!r} in the configuration or the "
+                     f"spool (configured backups: {configured})")
 
 
 def _queue(args: argparse.Namespace, config: Config) -> int:
     from . import report
 
-    spool = _spool(config)
+    spool = _admin_spool(config)
     action = args.queue_command
     if action == "list":
         entries = report.queue_entries(spool)
         if args.json:
             print(json.dumps(entries, ensure_ascii=False, indent=2))
         else:
-            print(report.format_queue(entries))
+            print(report.format_queue(entries), end="")
         return EXIT_OK
     if action == "flush":
-        spool.request_flush()
-        print("flush requested: a running relay makes every pending copy due within seconds")
+        if args.destination is None:
+            spool.request_flush()
+            print("flush requested: a running relay makes every pending copy due within seconds")
+            return EXIT_OK
+        destination = _check_destination(args.destination, config, spool.entries())
+        spool.request_flush(destination)
+        print(f"flush requested: a running relay makes every pending copy for {destination} due within seconds")
         return EXIT_OK
-    removed = spool.delete(args.id)
-    if not removed:
-        print(f"smtpdup: queue: no copy or message with id {args.id!r} (see `smtpdup queue list`)",
-              file=sys.stderr)
-        return 1
-    print(f"deleted {removed} entr{'y' if removed == 1 else 'ies'} for {args.id}")
+    if action == "show":
+        return _show(spool, args.id, args.body)
+    _selected(args, action)
+    everything = spool.entries()
+    if args.destination is not None:
+        destination = _check_destination(args.destination, config, everything)
+        chosen = [e for e in everything if e.destination == destination]
+    elif args.dead:
+        chosen = everything
+    else:
+        chosen, unknown = [], []
+        for id in dict.fromkeys(args.ids):
+            mine = [e for e in everything if e.id == id or e.envelope.queue_id == id]
+            if action == "requeue" and mine and not any(e.state == "dead" for e in mine):
+                raise UsageError(f"queue requeue: {id} is pending, not dead (`smtpdup queue flush` makes it due now)")
+            if not mine:
+                unknown.append(id)
+            chosen += mine
+        if unknown:
+            raise UsageError(f"queue {action}: no copy or message with id {', '.join(unknown)} "
+                             "(see `smtpdup queue list`); nothing done")
+    if action == "requeue":
+        return _requeue(spool, [e for e in chosen if e.state == "dead"])
+    if args.dead:
+        chosen = [e for e in chosen if e.state == "dead"]
+    removed = 0
+    for entry in chosen:
+        removed += spool.delete(entry.id) if entry.state == "pending" else spool.delete_dead(entry.id)
+    print(f"deleted {_plural(removed, 'copy', 'copies')}")
+    return EXIT_OK
+
+
+def _requeue(spool, dead) -> int:
+    done = 0
+    for entry in dead:
+        new_id = spool.requeue(entry.id)
+        if new_id is not None:
+            done += 1
+            print(f"{entry.id} -> {new_id} ({entry.destination}: {', '.join(entry.recipients)})")
+    print(f"requeued {_plural(done, 'copy', 'copies')}: a running relay delivers "
+          f"{'it' if done == 1 else 'them'} within seconds")
+    return EXIT_OK
+
+
+# At most this much of a message is read for its header section.
+SHOW_HEADER_MAX_BYTES = 1024 * 1024
+
+
+def _show(spool, id: str, body: bool) -> int:
+    from . import report
+
+    entries = spool.entries(id)
+    if not entries:
+        raise UsageError(f"queue show: no copy or message with id {id} (see `smtpdup queue list`)")
+    for n, entry in enumerate(entries):
+        first = entry.origin.get("first_received_at", entry.envelope.received_at)
+        since = min(float(first) if isinstance(first, (int, float)) else entry.envelope.received_at,
+                    entry.envelope.received_at) - 60
+        events = list(spool.journal_since(since))
+        chain = set(report.lineage(entry.id, events))
+        history = sorted((e for e in events if e.get("id") in chain), key=lambda e: e["t"])
+        if n:
+            print()
+        print(report.format_show(entry, history), end="")
+        out = sys.stdout.buffer
+        try:
+            with spool.open_entry(entry) as f:
+                head = f.read(min(entry.content_length, SHOW_HEADER_MAX_BYTES))
+                if body:
+                    print("\nmessage:", flush=True)
+                    out.write(head)
+                    remaining = entry.content_length - len(head)
+                    while remaining > 0:
+                        block = f.read(min(remaining, 1 << 20))
+                        if not block:
+                            break
+                        out.write(block)
+                        remaining -= len(block)
+                else:
+                    end = head.find(b"\r\n\r\n")
+                    header = head if end < 0 else head[: end + 2]
+                    rest = entry.content_length - len(header) - (2 if end >= 0 else 0)
+                    print(f"\nheader section ({rest} bytes of body not shown, --body shows them):"
+                          if rest > 0 else "\nheader section (no body):", flush=True)
+                    out.write(header)
+        except FileNotFoundError:
+            raise UsageError(f"queue show: {entry.id} left the spool meanwhile (delivered or deleted)") from None
+        out.flush()
     return EXIT_OK
 
 
@@ -355,15 +542,15 @@ def _report(args: argparse.Namespace, config: Config) -> int:
         seconds = report.parse_duration(args.since)
     except ValueError as exc:
         raise UsageError(f"--since: {exc}") from None
-    spool = _spool(config)
+    spool = _admin_spool(config)
     since = time.time() - seconds
     names = [b.name for b in config.relay.destination_backups]
     reports = report.build_report(spool, since, names)
     if args.json:
         print(json.dumps(report.to_json(reports, since), ensure_ascii=False, indent=2))
     else:
-        print(report.format_text(reports, args.since))
-    return EXIT_OK
+        print(report.format_text(reports, args.since), end="")
+    return EXIT_NOT_READY if any(r.not_ready for r in reports) else EXIT_OK
 
 
 # What binding a listening socket fails with for a reason the operator can fix.

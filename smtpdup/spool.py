@@ -15,6 +15,7 @@ Layout (directories 0700, files 0600)::
     journal/<YYYY-MM-DD>.jsonl  outcome log (UTC days) read by ``report``
     corrupt/                  quarantined files that could not be parsed
     flush                     trigger file written by ``queue flush``
+    requeue/<qid>             marker: ``queue requeue`` made msg/<qid> (``take_requeued``)
 
 Why "a copy the sender was told is delivered is never lost" holds:
 
@@ -45,11 +46,25 @@ always the copy id ``<qid>.<index>``)::
     {"t", "event": "dead",      "id", "destination", "recipients": [...], "reply"}
     {"t", "event": "refused",   "id", "destination", "recipient", "reply"}
     {"t", "event": "deleted",   "id", "destination", "recipients": [...]}
+    {"t", "event": "deferred",  "id", "destination", "recipients": [...], "reply"}
+    {"t", "event": "requeued",  "id", "destination", "recipients": [...], "new_id"}
 
 ``delivered``: one per successful delivery transaction (``journal_delivered``).
 ``dead``: written by ``dead_letter``. ``refused``: a backup permanently
 refused one recipient the primary accepted (``journal_refused``, by the
 delivery code). ``deleted``: an operator removed a pending copy.
+``deferred``: an attempt that left recipients to retry (``journal_deferred``).
+``requeued``: ``queue requeue`` made dead letter ``id`` the pending copy
+``new_id`` (``requeue``).
+
+Requeue: a dead letter becomes a new message ``msg/<new qid>`` carrying
+that one copy (its destination, its dead recipients), with the content of
+the dead letter, a fresh ``received_at`` (so retries and expiry start
+again) and ``requeued_from`` / ``first_received_at`` in its header. A new
+message, not a change to the old one, because the old one may still be in
+a running relay's memory, whose next ``save`` would undo any change made
+to its state behind its back. A running relay finds it through
+``requeue/`` (``take_requeued``) within its poll interval.
 """
 
 from __future__ import annotations
@@ -70,7 +85,9 @@ from typing import BinaryIO, Iterator, Mapping, Sequence
 __all__ = [
     "Copy",
     "DeadLetter",
+    "Entry",
     "Envelope",
+    "FlushRequest",
     "Message",
     "Spool",
     "SpoolError",
@@ -112,6 +129,14 @@ BLANK_PREFIX = "_"
 FREE_FILES_MAX = 4096
 FREE_FILE_MAX_BYTES = 1024 * 1024
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+# Requeue markers older than this are removed by the next requeue: every
+# running relay has seen them (it polls each second), and one that starts
+# later finds the messages themselves in msg/.
+REQUEUE_MARKER_KEEP_SECONDS = 86400.0
+# A flush request newer than this is merged into the next one (another
+# destination, or all): a relay that has not polled yet sees both.
+FLUSH_MERGE_SECONDS = 5.0
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC
 _APPEND_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | _O_CLOEXEC
 
@@ -192,6 +217,32 @@ class DeadLetter:
     attempts: int
     reason: str  # the destination's reply, or "expired after N attempts: <last reply>"
     dead_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One copy as ``queue show`` and the admin commands see it: a pending
+    copy (``msg/``) or a dead letter (``dead/``)."""
+
+    id: str  # "<qid>.<index>"
+    state: str  # "pending" or "dead"
+    envelope: Envelope
+    destination: str
+    recipients: tuple[str, ...]  # still to deliver (pending) or dead (dead)
+    attempts: int
+    next_attempt: float | None  # epoch seconds; None for a dead letter
+    last_reply: str
+    origin: Mapping[str, object]  # header extras: requeued_from, first_received_at
+    path: str  # the file holding the content (msg/<qid> or dead/<id>)
+    content_offset: int
+    content_length: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlushRequest:
+    """A ``queue flush`` seen by ``take_flush``."""
+
+    destinations: frozenset[str] | None  # None: every destination
 
 
 class _IdSource:
@@ -440,6 +491,43 @@ def _read_header(path: str, queue_id: str) -> tuple[Envelope, tuple[Target, ...]
     return envelope, targets, offset, file_size - offset
 
 
+def _read_header_extras(path: str) -> dict[str, object]:
+    """``requeued_from`` and ``first_received_at`` of a message file's
+    header, where present (admin path only: reads the header line again)."""
+    try:
+        with open(path, "rb") as f:
+            obj = _loads(f.readline(MAX_HEADER_BYTES))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(obj, dict):
+        return {}
+    return {k: obj[k] for k in ("requeued_from", "first_received_at") if k in obj}
+
+
+def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
+    """Copy ``length`` bytes of ``src`` from ``offset`` to the current end
+    of ``dst``: in the kernel where it can (copy_file_range), else by blocks."""
+    copy_file_range = getattr(os, "copy_file_range", None)
+    while length > 0 and copy_file_range is not None:
+        try:
+            n = copy_file_range(src, dst, min(length, 1 << 30), offset)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            break
+        if n == 0:
+            raise OSError(errno.EIO, "dead letter is truncated")
+        offset += n
+        length -= n
+    while length > 0:
+        block = os.pread(src, min(length, 1 << 20), offset)
+        if not block:
+            raise OSError(errno.EIO, "dead letter is truncated")
+        _write_all(dst, [block])
+        offset += len(block)
+        length -= len(block)
+
+
 def _decode_state(data: bytes, targets: Sequence[Target]) -> dict[int, Copy]:
     """Copies recorded in a state file, by index; raises _Corrupt."""
     try:
@@ -665,9 +753,13 @@ class Spool:
     """The spool directory. Methods are blocking; safe to share between threads
     and with other processes (``smtpdup queue`` while the relay runs)."""
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], *, create: bool = True) -> None:
         """Create the directories (parents too) and probe that the disk takes
-        an fsynced file. Raises SpoolError (one line) on any failure."""
+        an fsynced file. Raises SpoolError (one line) on any failure.
+
+        ``create=False`` (the admin commands): the spool must exist already
+        (a directory with ``msg/`` in it); missing subdirectories of it are
+        made, nothing else is created and nothing is probed."""
         self.directory = os.fspath(directory)
         self._tmp = os.path.join(self.directory, "tmp")
         self._msg = os.path.join(self.directory, "msg")
@@ -676,9 +768,15 @@ class Spool:
         self._corrupt = os.path.join(self.directory, "corrupt")
         self._flush = os.path.join(self.directory, "flush")
         self._free_dir = os.path.join(self.directory, "free")
+        self._requeue_dir = os.path.join(self.directory, "requeue")
         self._journal_files = _JournalFiles()
         weakref.finalize(self, self._journal_files.close)
         where = self.directory
+        if not create:
+            if not os.path.isdir(self.directory):
+                raise SpoolError(f"spool: {self.directory} does not exist or is not a directory")
+            if not os.path.isdir(self._msg):
+                raise SpoolError(f"spool: {self.directory} is not a smtpdup spool (no msg/ in it)")
         try:
             if os.path.exists(where) and not os.path.isdir(where):
                 raise SpoolError(f"spool: {where} exists and is not a directory")
@@ -691,18 +789,21 @@ class Spool:
                 raise SpoolError(f"spool: {self.directory}: tmp/, msg/ and dead/ must be on one filesystem")
         except OSError as exc:
             raise SpoolError(f"spool: cannot create {where}: {exc}") from None
-        probe = os.path.join(self._tmp, f".probe-{os.getpid()}-{secrets.token_hex(4)}")
-        try:
-            fd = os.open(probe, _NEW_FILE_FLAGS, FILE_MODE)
+        if create:
+            probe = os.path.join(self._tmp, f".probe-{os.getpid()}-{secrets.token_hex(4)}")
             try:
-                os.write(fd, b"probe\n")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-                _unlink(probe)
-        except OSError as exc:
-            raise SpoolError(f"spool: {self.directory} is not writable: {exc}") from None
+                fd = os.open(probe, _NEW_FILE_FLAGS, FILE_MODE)
+                try:
+                    os.write(fd, b"probe\n")
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                    _unlink(probe)
+            except OSError as exc:
+                raise SpoolError(f"spool: {self.directory} is not writable: {exc}") from None
         self._flush_seen = self._flush_stamp()  # requests before we started are not ours
+        # Requeues before we started are found in msg/ by a scan (messages()).
+        self._requeue_seen = self._requeue_markers()
         # Files of settled messages, kept for reuse (see _retire).
         self._free: deque[str] = deque(sorted(os.listdir(self._free_dir))[:FREE_FILES_MAX])
 
@@ -1149,16 +1250,43 @@ class Spool:
             }
         )
 
-    def request_flush(self) -> None:
+    def request_flush(self, destination: str | None = None) -> None:
         """Ask the running relay (every worker process of it) to make every
-        pending copy due now: the flush file is replaced by a new one."""
+        pending copy due now, or those for ``destination``: the flush file
+        is replaced by a new one. A request for one destination merges a
+        request made less than FLUSH_MERGE_SECONDS before, which a relay
+        may not have seen yet."""
+        destinations: set[str] | None = None
+        if destination is not None:
+            destinations = {destination}
+            try:
+                recent = time.time() - os.stat(self._flush).st_mtime < FLUSH_MERGE_SECONDS
+            except FileNotFoundError:
+                recent = False
+            if recent:
+                previous = self._read_flush()
+                destinations = None if previous is None else destinations | previous
+        record = {"t": time.time_ns(), "destinations": None if destinations is None else sorted(destinations)}
         tmp_path = os.path.join(self._tmp, f"flush.{secrets.token_hex(4)}")
         fd = os.open(tmp_path, _NEW_FILE_FLAGS, FILE_MODE)
         try:
-            os.write(fd, b"%d\n" % time.time_ns())
+            _write_all(fd, [_dumps(record) + b"\n"])
         finally:
             os.close(fd)
         os.rename(tmp_path, self._flush)
+
+    def _read_flush(self) -> frozenset[str] | None:
+        """Destinations of the current flush file; None (every destination)
+        when it names none, is in the old format or cannot be read: a flush
+        of more than was asked, never less."""
+        try:
+            obj = _loads(_read_small(self._flush, 1 << 20))
+        except (OSError, ValueError):
+            return None
+        names = obj.get("destinations") if isinstance(obj, dict) else None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return None
+        return frozenset(names)
 
     def _flush_stamp(self) -> tuple[int, int] | None:
         try:
@@ -1176,6 +1304,185 @@ class Spool:
             return False
         self._flush_seen = stamp
         return True
+
+    def take_flush(self) -> FlushRequest | None:
+        """Like ``take_flush_request``, with what to flush: None when no
+        flush was requested since the last call, else a FlushRequest whose
+        ``destinations`` is None for every destination. One stat, and one
+        small read when there is a request."""
+        if not self.take_flush_request():
+            return None
+        return FlushRequest(self._read_flush())
+
+    # -- requeue --
+
+    def _requeue_markers(self) -> set[str]:
+        try:
+            return set(os.listdir(self._requeue_dir))
+        except FileNotFoundError:
+            return set()
+
+    def requeue(self, dead_id: str, now: float | None = None) -> str | None:
+        """Make the dead letter ``dead_id`` pending again, due now: a new
+        message ``msg/<new qid>`` carrying that one copy (its destination and
+        its dead recipients, attempts 0) and the dead letter's content; then
+        a marker in ``requeue/`` for a running relay (``take_requeued``), a
+        "requeued" journal event, and the dead letter is removed. Returns the
+        new copy id, or None when there is no such dead letter.
+
+        The new message is committed (fsynced, ``msg/`` fsynced) before the
+        dead letter goes: a crash in between leaves both, never neither.
+        Raises OSError on disk errors."""
+        match = _COPY_ID_RE.fullmatch(dead_id)
+        if not match:
+            return None
+        letter = self._read_dead_letter(dead_id, match.group(1), int(match.group(2)))
+        if letter is None:
+            return None
+        now = time.time() if now is None else now
+        link_path = self._dead_path(dead_id)
+        try:
+            _, _, offset, length = _read_header(link_path, letter.envelope.queue_id)
+        except (FileNotFoundError, _Corrupt):
+            return None  # deleted, or quarantined, meanwhile
+        old = letter.envelope
+        extras = _read_header_extras(link_path)
+        first_received_at = extras.get("first_received_at", old.received_at)
+        envelope = Envelope(
+            queue_id=new_queue_id(), sender=old.sender, recipients=old.recipients,
+            client=old.client, smtputf8=old.smtputf8, body=old.body, received_at=now,
+        )
+        header = _loads(_encode_header(envelope, [Target(letter.destination, letter.recipients)]))
+        assert isinstance(header, dict)
+        header["requeued_from"] = dead_id
+        header["first_received_at"] = first_received_at
+        queue_id = envelope.queue_id
+        tmp_path = os.path.join(self._tmp, queue_id)
+        src = os.open(link_path, os.O_RDONLY | _O_CLOEXEC)
+        try:
+            dst = os.open(tmp_path, _NEW_FILE_FLAGS, FILE_MODE)
+            try:
+                try:
+                    _write_all(dst, [_dumps(header) + b"\n"])
+                    _copy_range(src, dst, offset, length)
+                    os.fsync(dst)
+                finally:
+                    os.close(dst)
+                os.rename(tmp_path, self._msg_path(queue_id))
+            except BaseException:
+                _unlink(tmp_path)
+                raise
+        finally:
+            os.close(src)
+        self.sync_directory()
+        os.makedirs(self._requeue_dir, mode=DIR_MODE, exist_ok=True)
+        os.close(os.open(os.path.join(self._requeue_dir, queue_id), _NEW_FILE_FLAGS, FILE_MODE))
+        new_id = copy_id(queue_id, 0)
+        self.journal(
+            {
+                "t": now,
+                "event": "requeued",
+                "id": dead_id,
+                "destination": letter.destination,
+                "recipients": list(letter.recipients),
+                "new_id": new_id,
+            }
+        )
+        self._delete_dead(dead_id)
+        for name in self._requeue_markers():
+            try:
+                if queue_id_time(name) < now - REQUEUE_MARKER_KEEP_SECONDS:
+                    _unlink(os.path.join(self._requeue_dir, name))
+            except ValueError:
+                pass
+        return new_id
+
+    def take_requeued(self) -> list[Message]:
+        """Messages that ``queue requeue`` made since this Spool was made
+        (or since the last call), with their state, in queue-id order: for a
+        running relay to index, as ``Scheduler.load`` does at start. One
+        listing of ``requeue/`` (a few entries at most), then one header
+        read per new message. Blocking: call it in the threadpool."""
+        markers = self._requeue_markers()
+        new = sorted(name for name in markers - self._requeue_seen if _QID_RE.fullmatch(name))
+        self._requeue_seen = markers
+        found = []
+        for queue_id in new:
+            message = self.load(queue_id)
+            if message is not None and message.pending():
+                found.append(message)
+        return found
+
+    # -- the admin view --
+
+    def entries(self, id: str | None = None) -> list[Entry]:
+        """Pending copies and dead letters, sorted by id (pending before dead
+        for one id); only those of ``id`` (a queue id or a copy id) when
+        given: [] when there are none. A directory scan: not for hot paths."""
+        queue_id, index = id, None
+        if id is not None:
+            match = _COPY_ID_RE.fullmatch(id)
+            if match:
+                queue_id, index = match.group(1), int(match.group(2))
+            elif not _QID_RE.fullmatch(id):
+                return []
+        found = []
+        messages = self.messages() if queue_id is None else filter(None, [self.load(queue_id)])
+        for message in messages:
+            path = self._msg_path(message.queue_id)
+            extras = _read_header_extras(path) if queue_id is not None else {}
+            for copy in message.pending():
+                if index is None or copy.index == index:
+                    found.append(Entry(
+                        copy_id(message.queue_id, copy.index), "pending", message.envelope,
+                        copy.destination, tuple(copy.recipients), copy.attempts, copy.next_attempt,
+                        copy.last_reply, extras, path, message.content_offset, message.content_length,
+                    ))
+        for dead_id, qid, i in self._dead_ids(queue_id):
+            if index is not None and i != index:
+                continue
+            letter = self._read_dead_letter(dead_id, qid, i)
+            if letter is None:
+                continue
+            path = self._dead_path(dead_id)
+            try:
+                _, _, offset, length = _read_header(path, qid)
+            except (OSError, _Corrupt):
+                continue
+            extras = _read_header_extras(path) if queue_id is not None else {}
+            found.append(Entry(
+                dead_id, "dead", letter.envelope, letter.destination, letter.recipients,
+                letter.attempts, None, letter.reason, extras, path, offset, length,
+            ))
+        found.sort(key=lambda e: (e.envelope.queue_id, int(e.id.rpartition(".")[2]), e.state != "pending"))
+        return found
+
+    def open_entry(self, entry: Entry) -> BinaryIO:
+        """Unbuffered binary file seeked to the entry's content; the caller
+        reads ``entry.content_length`` bytes and closes it. Raises
+        FileNotFoundError if it went meanwhile."""
+        f = open(entry.path, "rb", buffering=0)
+        try:
+            f.seek(entry.content_offset)
+        except BaseException:
+            f.close()
+            raise
+        return f  # type: ignore[return-value]
+
+    def delete_dead(self, dead_id: str) -> int:
+        """Remove the dead letter ``dead_id`` (content link and record);
+        1 if it existed, else 0."""
+        if not _COPY_ID_RE.fullmatch(dead_id):
+            return 0
+        return self._delete_dead(dead_id)
+
+    def history(self, ids: Sequence[str], since: float) -> list[dict]:
+        """Journal events since ``since`` of the copies ``ids`` ("<qid>.<index>"),
+        oldest first. Reads the journal days from ``since`` on."""
+        wanted = set(ids)
+        events = [e for e in self.journal_since(since) if e.get("id") in wanted]
+        events.sort(key=lambda e: e["t"])
+        return events
 
     # -- recovery --
 
@@ -1288,6 +1595,20 @@ class Spool:
                 "id": copy_id(message.queue_id, copy.index),
                 "destination": copy.destination,
                 "recipient": recipient,
+                "reply": reply,
+            }
+        )
+
+    def journal_deferred(self, message: Message, copy: Copy, recipients: Sequence[str], reply: str) -> None:
+        """Journal an attempt that left ``recipients`` of ``copy`` to retry
+        (4xx, timeout, connection error), with its reply: ``queue show``
+        lists every attempt."""
+        self.journal(
+            {
+                "event": "deferred",
+                "id": copy_id(message.queue_id, copy.index),
+                "destination": copy.destination,
+                "recipients": list(recipients),
                 "reply": reply,
             }
         )

@@ -565,17 +565,17 @@ def test_report_names_a_recipient_the_backup_refused(upstreams, relay, tmp_path)
     wait_until(lambda: spool_idle(environ), what="the copy settled")
 
     result = cli(environ, "report", "--json")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # NOT READY
     [entry] = json.loads(result.stdout)["backups"]
     assert entry["destination"] == backup.address
     assert (entry["delivered"], entry["pending"], entry["ready"]) == (1, 0, False)
     assert entry["refused_recipients"] == [
-        {"recipient": "y@b.example", "domain": "b.example", "count": 1, "last_reply": refusal}
+        {"recipient": "y@b.example", "domain": "b.example", "count": 1, "last_reply": refusal, "resolved": False}
     ]
     assert entry["refused_domains"] == [{"domain": "b.example", "count": 1}]
 
     text = cli(environ, "report")
-    assert text.returncode == 0, text.stderr
+    assert text.returncode == 1, text.stderr
     assert "y@b.example" in text.stdout and refusal in text.stdout
     assert re.search(r"^\s+b\.example\s+1$", text.stdout, re.M), text.stdout
     assert "NOT READY" in text.stdout

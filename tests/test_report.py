@@ -9,6 +9,7 @@ import pytest
 
 from smtpdup.report import (
     BackupReport,
+    RefusedRecipient,
     build_report,
     format_queue,
     format_text,
@@ -69,7 +70,7 @@ def test_build_report_counts_and_refusals(spool):
     for _ in range(3):
         event(spool, "delivered", "new:25", NOW - 60, recipients=["a@x"])
     event(spool, "delivered", "archive:25", NOW - 60, recipients=["a@x"])
-    event(spool, "dead", "new:25", NOW - 50, recipients=["b@y"], reply="550 5.1.1 no")
+    event(spool, "dead", "new:25", NOW - 50, recipients=["b@y"], reply="550 5.1.1 no")  # the letter counts
     event(spool, "refused", "new:25", NOW - 40, recipient="b@Example.COM", reply="550 5.1.1 old reply")
     event(spool, "refused", "new:25", NOW - 30, recipient="b@Example.COM", reply="550 5.1.1 last reply")
     event(spool, "refused", "new:25", NOW - 35, recipient="c@example.com", reply="550 5.7.1 c")
@@ -79,12 +80,18 @@ def test_build_report_counts_and_refusals(spool):
     message = spool_message(spool, [Target("new:25", ("a@x",)), Target("archive:25", ("a@x",))])
     message.copies[1].settled = True
     spool.save(message)
-    spool_message(spool, [Target("new:25", ("q@x",))])
+    retrying = spool_message(spool, [Target("new:25", ("q@x",))])
+    retrying.copies[0].attempts = 1
+    spool.save(retrying)
+    dead = spool_message(spool, [Target("new:25", ("b@y",))])
+    spool.dead_letter(dead, dead.copies[0], ["b@y"], "550 5.1.1 no", NOW - 50)
+    dead.copies[0].settled = True
+    spool.save(dead)
 
     reports = build_report(spool, since, destinations=["new:25", "archive:25", "idle:25"])
     assert [r.destination for r in reports] == ["new:25", "archive:25", "idle:25"]
     new, archive, idle = reports
-    assert (new.delivered, new.pending, new.dead) == (3, 2, 1)
+    assert (new.delivered, new.pending, new.retrying, new.dead) == (3, 2, 1, 1)
     assert [(r.recipient, r.domain, r.count, r.last_reply) for r in new.refused_recipients] == [
         ("b@Example.COM", "example.com", 2, "550 5.1.1 last reply"),
         ("c@example.com", "example.com", 1, "550 5.7.1 c"),
@@ -111,8 +118,36 @@ def test_verdicts():
 
     assert report().verdict == "READY: backup took everything the primary accepted"
     assert report(delivered=0).verdict.startswith("NO DATA")
-    assert report(pending=2).verdict == "NOT READY: 2 copies still pending"
+    # Copies on their first attempt do not count; those that failed one do.
+    assert report(pending=2).verdict == "READY: backup took everything the primary accepted"
+    assert report(pending=2, retrying=1).verdict == "NOT READY: 1 copy failed an attempt and wait for a retry"
     assert report(dead=1).verdict == "NOT READY: 1 copy dead-lettered"
+    resolved = RefusedRecipient("a@x", "x", 1, "550 no", resolved=True)
+    assert report(refused_recipients=[resolved]).verdict.startswith("READY")
+    refused = RefusedRecipient("b@x", "x", 2, "550 no")
+    assert report(refused_recipients=[resolved, refused]).verdict == "NOT READY: 1 recipient refused"
+    assert report(refused_recipients=[refused]).not_ready and not report(delivered=0).not_ready
+
+
+def test_a_refused_recipient_delivered_later_is_resolved(spool):
+    event(spool, "refused", "new:25", NOW - 300, recipient="fixed@x.org", reply="550 5.1.1 no such user")
+    event(spool, "refused", "new:25", NOW - 300, recipient="still@x.org", reply="550 5.1.1 no such user")
+    event(spool, "delivered", "new:25", NOW - 400, recipients=["still@x.org"])  # before: no fix
+    event(spool, "delivered", "other:25", NOW - 100, recipients=["still@x.org"])  # another backup
+    event(spool, "delivered", "new:25", NOW - 100, recipients=["a@x.org", "fixed@x.org"])
+    (report,) = build_report(spool, NOW - 3600, ["new:25"])[:1]
+    assert [(r.recipient, r.resolved) for r in report.refused_recipients] == [
+        ("still@x.org", False), ("fixed@x.org", True),
+    ]
+    assert report.refused_domains == [("x.org", 1)]
+    assert report.verdict == "NOT READY: 1 recipient refused"
+    text = format_text([report], "1h")
+    assert any(line.split()[:2] == ["fixed@x.org", "resolved"] for line in text.splitlines())
+    assert any(line.split()[:2] == ["still@x.org", "refused"] for line in text.splitlines())
+    # Refused again after the delivery: unresolved again.
+    event(spool, "refused", "new:25", NOW - 50, recipient="fixed@x.org", reply="550 5.1.1 gone again")
+    (report,) = build_report(spool, NOW - 3600, ["new:25"])[:1]
+    assert not any(r.resolved for r in report.refused_recipients)
 
 
 def test_format_text_clean_and_dirty(spool):
@@ -138,14 +173,15 @@ def test_to_json_shape(spool):
     json.dumps(obj)  # serialisable
     assert obj["since"] == "2023-11-14T22:13:20Z"
     (backup,) = obj["backups"]
-    assert {k: backup[k] for k in ("destination", "delivered", "pending", "dead")} == {
+    assert {k: backup[k] for k in ("destination", "delivered", "pending", "retrying", "dead")} == {
         "destination": "b:25",
         "delivered": 0,
         "pending": 0,
+        "retrying": 0,
         "dead": 0,
     }
     assert backup["refused_recipients"] == [
-        {"recipient": "x@a.org", "domain": "a.org", "count": 1, "last_reply": "550 no"}
+        {"recipient": "x@a.org", "domain": "a.org", "count": 1, "last_reply": "550 no", "resolved": False}
     ]
     assert backup["refused_domains"] == [{"domain": "a.org", "count": 1}]
     assert backup["ready"] is False
