@@ -8,9 +8,18 @@ slow backup pushes back on the scheduler, never on a client.
 Per destination it keeps a short queue of copies that are due now; workers
 in the pool take copies from it and carry as many as they can over one
 SMTP session (envelope pipelined where the backup offers PIPELINING, RSET
-after failures), lingering briefly for more. A destination that cannot be
-reached defers every copy queued for it at once, without a connection
-attempt each.
+after failures), lingering briefly for more.
+
+A destination that fails as a whole (connection refused or lost, timeout,
+421, or a 4xx to MAIL: a site failure, in Postfix's words) is backed off:
+the attempt that failed is recorded for its copy, and every other copy for
+that destination waits in the index, untouched and unsaved, until the
+back-off ends (doubling from ``retry_initial_seconds`` up to
+``retry_max_interval_seconds``). Then one copy probes it; the queue opens
+again once a backup accepts a MAIL. So an outage costs one attempt per
+back-off interval, not one per copy, and a flapping backup cannot eat the
+relay's time. Copies that reach ``retry_max_age_seconds`` meanwhile are
+dead-lettered all the same.
 
 Destinations share the pool: while several have due copies, each may
 hold at most its share of the workers, and a worker over its share (or
@@ -28,6 +37,14 @@ can be delivered twice (at-least-once): at most one per worker in flight.
 
 At start the index is built from the spool in the background, in chunks,
 while the relay already serves SMTP and delivers what it has indexed.
+
+Inflow control, as Postfix's ``in_flow_delay``: client sessions and backup
+workers share one process. When the process is CPU-bound (the event loop
+runs late) and copies for reachable backups pile up in a ready queue, a
+new transaction waits, up to FLOW_DELAY_SECONDS, before its MAIL is
+answered, so that intake cannot outgrow delivery without bound. A backup
+that is backed off, or merely slow while the CPU idles, never slows the
+primary path.
 """
 
 from __future__ import annotations
@@ -74,6 +91,14 @@ READ_BLOCK_BYTES = 64 * 1024
 # Messages read from the spool per threadpool trip: when indexing the spool
 # at start, and when loading due copies into the ready queues.
 LOAD_CHUNK = 256
+# Inflow control (see the module docstring): a ready queue this long for a
+# reachable backup, while the event loop runs this late, delays new
+# transactions by up to FLOW_DELAY_SECONDS each.
+CONGESTED_READY = READY_PER_DESTINATION // 2
+CONGESTED_LAG_SECONDS = 0.01
+FLOW_DELAY_SECONDS = 1.0
+# How the event loop's lateness is sampled: a timer this often, smoothed.
+LAG_SAMPLE_SECONDS = 0.05
 
 
 @dataclass(slots=True)
@@ -85,6 +110,16 @@ class _Attempt:
     refused: list[tuple[str, Reply]] = field(default_factory=list)  # RCPT-level 5xx
     dead: list[str] = field(default_factory=list)  # whole-copy 5xx
     reply: Reply | None = None  # the reply that decided the attempt
+    site_failure: bool = False  # the destination failed as a whole (see _Down)
+
+
+@dataclass(slots=True)
+class _Down:
+    """A destination backed off after a site failure."""
+
+    until: float  # time.time() of the next probe
+    failures: int  # site failures in a row
+    reply: Reply  # the last one's reply
 
 
 class Scheduler:
@@ -98,6 +133,7 @@ class Scheduler:
         self._records = Batch(self._record_batch)
         self._workers: dict[str, int] = defaultdict(int)
         self._idle: dict[str, int] = defaultdict(int)
+        self._in_flight: dict[str, int] = defaultdict(int)  # copies being attempted
         self._work: dict[str, Event] = defaultdict(Event)
         self._wake = Event()
         self._greenlet: gevent.Greenlet | None = None
@@ -112,6 +148,9 @@ class Scheduler:
         # index must not queue a second time.
         self._submitted: set[str] = set()
         self._flushed_while_loading = False  # copies indexed after a flush are due now
+        self._down: dict[str, _Down] = {}  # destinations backed off after a site failure
+        self.lag = 0.0  # the event loop's lateness, smoothed (see _watch_lag)
+        self._lag_watch: gevent.Greenlet | None = None
 
     # -- intake ---------------------------------------------------------
 
@@ -122,16 +161,17 @@ class Scheduler:
         the messages whose queue id hashes to it, so none is claimed twice;
         a new message stays with the worker that received it. Returns the
         number of copies indexed."""
-        index, workers = share
         self._share = share
         count = 0
+        # What `queue requeue` made until now, the scan below finds.
+        blocking(self.spool.take_requeued)
         messages = self.spool.messages()
         while not self._stopping:
             chunk = blocking(_take, messages, LOAD_CHUNK)
             if not chunk:
                 break
             for message in chunk:
-                if workers > 1 and int(message.queue_id[-8:], 16) % workers != index:
+                if not self._mine(message.queue_id):
                     continue
                 if message.queue_id in self._submitted:
                     continue  # committed since start: already queued by submit()
@@ -145,16 +185,23 @@ class Scheduler:
         self._submitted = set()
         return count
 
+    def _mine(self, queue_id: str) -> bool:
+        """Whether this worker process owns the message (see ``load``)."""
+        index, workers = self._share
+        return workers <= 1 or int(queue_id[-8:], 16) % workers == index
+
     def submit(self, message: Message) -> None:
         """A freshly committed message (built in memory by the relay, not
-        read back): its copies are due now."""
+        read back), or one requeued from the dead letters: its copies are
+        due now."""
         if not self.loaded.is_set():
             self._submitted.add(message.envelope.queue_id)
         for copy in message.pending():
-            if len(self._ready[copy.destination]) < READY_PER_DESTINATION:
+            dest = copy.destination
+            if dest not in self._down and len(self._ready[dest]) < READY_PER_DESTINATION:
                 self._queue(message, copy)
             else:
-                heapq.heappush(self._delayed[copy.destination], (0.0, _key(message, copy)))
+                heapq.heappush(self._delayed[dest], (0.0, _key(message, copy)))
         self._wake.set()
 
     def _queue(self, message: Message, copy: Copy) -> None:
@@ -178,6 +225,7 @@ class Scheduler:
         ``loaded``)."""
         self._share = share
         self._greenlet = gevent.spawn(self._run)
+        self._lag_watch = gevent.spawn(self._watch_lag)
         if load:
             self._loader = gevent.spawn(self._load_logged)
         else:
@@ -209,6 +257,8 @@ class Scheduler:
         self.pool.kill(timeout=timeout)
         if self._greenlet is not None:
             self._greenlet.kill(timeout=timeout)
+        if self._lag_watch is not None:
+            self._lag_watch.kill(timeout=timeout)
 
     def _run(self) -> None:
         next_poll = 0.0
@@ -216,28 +266,88 @@ class Scheduler:
             now = time.time()
             if now >= next_poll:
                 next_poll = now + POLL_SECONDS
-                if self.spool.take_flush_request():
-                    self.flush()
-                    self.flushes += 1
+                self._poll_spool()
+                self._expire_down(now)
                 self._update_gauges(now)
             self._promote(now)
             self._dispatch()
-            due = [heap[0][0] for dest, heap in self._delayed.items() if heap and self._room(dest)]
+            due = [self._next_due(dest, heap) for dest, heap in self._delayed.items() if heap and self._room(dest)]
             timeout = max(0.0, min([next_poll, *due]) - time.time())
             self._wake.wait(timeout)
             self._wake.clear()
 
-    def flush(self) -> None:
-        """Make every pending copy due now (those still to be indexed too)."""
-        if not self.loaded.is_set():
+    def _watch_lag(self) -> None:
+        """Sample how late the event loop wakes a timer: near 0 while the
+        process has CPU to spare, tens of milliseconds when it is CPU-bound."""
+        while not self._stopping:
+            started = time.monotonic()
+            gevent.sleep(LAG_SAMPLE_SECONDS)
+            late = max(0.0, time.monotonic() - started - LAG_SAMPLE_SECONDS)
+            self.lag = 0.8 * self.lag + 0.2 * late
+
+    def congested(self) -> bool:
+        """Delivery is behind because the process is short of CPU: a
+        reachable backup's ready queue is long while the loop runs late."""
+        return self.lag >= CONGESTED_LAG_SECONDS and any(
+            len(ready) >= CONGESTED_READY for dest, ready in self._ready.items() if dest not in self._down
+        )
+
+    def flow_delay(self) -> None:
+        """Called before a new transaction: wait while ``congested()``, up
+        to FLOW_DELAY_SECONDS."""
+        if not self.congested():
+            return
+        started = time.monotonic()
+        deadline = started + FLOW_DELAY_SECONDS
+        while time.monotonic() < deadline and self.congested():
+            gevent.sleep(LAG_SAMPLE_SECONDS)
+        metrics.INFLOW_DELAY.inc(time.monotonic() - started)
+
+    def _poll_spool(self) -> None:
+        """Act on `queue flush` and index what `queue requeue` made."""
+        request = self.spool.take_flush()
+        if request is not None:
+            self.flush(request.destinations)
+            self.flushes += 1
+        try:
+            requeued = blocking(self.spool.take_requeued)
+        except OSError as exc:
+            log.error("spool_read_failed", extra={"error": str(exc)})
+            return
+        for message in requeued:
+            if self._mine(message.queue_id):
+                self.submit(message)
+
+    def flush(self, destinations: frozenset[str] | None = None) -> None:
+        """Make every pending copy due now (those still to be indexed too),
+        or those for ``destinations`` only; a flushed destination's back-off
+        ends too."""
+        if not self.loaded.is_set() and destinations is None:
             self._flushed_while_loading = True
         for dest, heap in self._delayed.items():
-            self._delayed[dest] = [(0.0, key) for _, key in heap]
-        log.info("queue_flush", extra={"copies": sum(len(h) for h in self._delayed.values())})
+            if destinations is None or dest in destinations:
+                self._delayed[dest] = [(0.0, key) for _, key in heap]
+        for dest, down in self._down.items():
+            if destinations is None or dest in destinations:
+                down.until = 0.0
+        log.info("queue_flush", extra={
+            "copies": sum(len(h) for d, h in self._delayed.items() if destinations is None or d in destinations),
+            "destination": None if destinations is None else ",".join(sorted(destinations)),
+        })
         self._wake.set()
 
-    def _room(self, dest: str) -> bool:
-        return len(self._ready[dest]) < READY_PER_DESTINATION
+    def _room(self, dest: str) -> int:
+        """How many copies may move to ``dest``'s ready queue now. A
+        backed-off destination takes one, to probe it, once its back-off
+        ended and nothing of it is queued or in flight."""
+        ready = len(self._ready[dest])
+        if dest in self._down:
+            return 0 if ready or self._workers[dest] else 1
+        return READY_PER_DESTINATION - ready
+
+    def _next_due(self, dest: str, heap: list[tuple[float, str]]) -> float:
+        down = self._down.get(dest)
+        return heap[0][0] if down is None else max(heap[0][0], down.until)
 
     def _promote(self, now: float) -> None:
         """Move due copies from the index to their destinations' queues,
@@ -248,7 +358,11 @@ class Scheduler:
             moved = False
             for dest, heap in list(self._delayed.items()):
                 keys = []
-                while heap and heap[0][0] <= now and self._room(dest) and len(keys) < LOAD_CHUNK:
+                room = min(self._room(dest), LOAD_CHUNK)
+                down = self._down.get(dest)
+                if down is not None and down.until > now:
+                    room = 0
+                while heap and heap[0][0] <= now and len(keys) < room:
                     keys.append(heapq.heappop(heap)[1])
                 if not keys:
                     continue
@@ -354,9 +468,11 @@ class Scheduler:
                 idle_until = None
                 key = ready.popleft()
                 self._idle[dest_name] -= 1
+                self._in_flight[dest_name] += 1
                 try:
                     upstream = self._deliver(dest_name, key, upstream)
                 finally:
+                    self._in_flight[dest_name] -= 1
                     self._idle[dest_name] += 1
         finally:
             self._idle[dest_name] -= 1
@@ -394,29 +510,82 @@ class Scheduler:
                 try:
                     upstream.connect()
                 except UpstreamError as exc:
-                    attempt = _Attempt(deferred=list(copy.recipients), reply=exc.reply)
+                    attempt = _Attempt(deferred=list(copy.recipients), reply=exc.reply, site_failure=True)
                     self._finish(message, copy, attempt, time.monotonic() - started)
-                    self._defer_queued(dest_name, exc.reply)
+                    self._back_off(dest_name, exc.reply)
                     return None
             attempt = self._transfer(upstream, message, copy)
             self._finish(message, copy, attempt, time.monotonic() - started)
+            if attempt.site_failure:
+                assert attempt.reply is not None
+                self._back_off(dest_name, attempt.reply)
+                if upstream.connected:
+                    upstream.quit()
+                return None
             return upstream if upstream.connected else None
         finally:
             self._release(queue_id)
 
-    def _defer_queued(self, dest_name: str, reply: Reply) -> None:
-        """The destination is unreachable: every copy queued for it fails
-        the same way now, without a connection attempt each."""
+    def _back_off(self, dest_name: str, reply: Reply) -> None:
+        """A site failure: the destination waits out a back-off; the copies
+        queued for it go back to the index as they are (no attempt, no
+        save), to be promoted again when it answers."""
+        relay_config = self.config.relay
+        down = self._down.get(dest_name)
+        failures = 1 if down is None else down.failures + 1
+        delay = min(relay_config.retry_initial_seconds * 2 ** (failures - 1), relay_config.retry_max_interval_seconds)
+        now = time.time()
+        self._down[dest_name] = _Down(until=now + delay, failures=failures, reply=reply)
         ready = self._ready[dest_name]
+        heap = self._delayed[dest_name]
         while ready:
-            queue_id, index = _split(ready.popleft())
-            live = self._live.get(queue_id)
-            try:
-                if live is not None and not live[0].copies[index].settled:
-                    copy = live[0].copies[index]
-                    self._finish(live[0], copy, _Attempt(deferred=list(copy.recipients), reply=reply), 0.0)
-            finally:
-                self._release(queue_id)
+            key = ready.popleft()
+            heapq.heappush(heap, (now, key))
+            self._release(_split(key)[0])
+        (log.warning if failures == 1 else log.info)("backup_destination_down", extra={
+            "destination": dest_name, "reply": str(reply), "failures": failures,
+            "retry_in_seconds": round(delay, 3), "pending_copies": len(heap),
+        })
+        self._wake.set()
+
+    def _destination_up(self, dest_name: str) -> None:
+        """The destination accepted a MAIL: its back-off, if any, ends."""
+        down = self._down.pop(dest_name, None)
+        if down is not None:
+            log.info("backup_destination_up", extra={"destination": dest_name, "failures": down.failures})
+            self._wake.set()
+
+    def _expire_down(self, now: float) -> None:
+        """Dead-letter the copies of backed-off destinations that reached
+        retry_max_age_seconds: nothing else would attempt them."""
+        max_age = self.config.relay.retry_max_age_seconds
+        for dest in list(self._down):
+            heap = self._delayed.get(dest)
+            if not heap or _queue_time(min(heap, key=_second)[1]) + max_age > now:
+                continue
+            expired = [key for _, key in heap if _queue_time(key) + max_age <= now]
+            gone = set(expired)
+            self._delayed[dest] = [entry for entry in heap if entry[1] not in gone]
+            heapq.heapify(self._delayed[dest])
+            reply = self._down[dest].reply
+            for start in range(0, len(expired), LOAD_CHUNK):
+                keys = expired[start:start + LOAD_CHUNK]
+                wanted = sorted({_split(key)[0] for key in keys} - self._live.keys())
+                try:
+                    loaded = blocking(self._load_many, wanted) if wanted else {}
+                except OSError as exc:
+                    log.error("spool_read_failed", extra={"error": str(exc)})
+                    for key in keys:
+                        heapq.heappush(self._delayed[dest], (now, key))
+                    continue
+                for key in keys:
+                    queue_id, index = _split(key)
+                    live = self._live.get(queue_id)
+                    message = live[0] if live else loaded.get(queue_id)
+                    if message is None or index >= len(message.copies) or message.copies[index].settled:
+                        continue
+                    copy = message.copies[index]
+                    self._finish(message, copy, _Attempt(deferred=list(copy.recipients), reply=reply), 0.0)
 
     def _transfer(self, upstream: Upstream, message: Message, copy: Copy) -> _Attempt:
         """MAIL, RCPTs, DATA and content for one copy over an open session."""
@@ -445,9 +614,11 @@ class Scheduler:
                 mail, rcpts, data = upstream.open_transaction(envelope.sender, params, copy.recipients)
                 if mail.code // 100 != 2:
                     attempt.reply = mail
+                    attempt.site_failure = mail.code // 100 == 4
                     _classify(attempt, copy.recipients, mail)
                     _rset(upstream)
                     return attempt
+                self._destination_up(copy.destination)
                 accepted = []
                 for recipient, reply in zip(copy.recipients, rcpts):
                     if reply.code // 100 == 2:
@@ -484,6 +655,7 @@ class Scheduler:
                 done |= {r for r, _ in attempt.refused}
                 attempt.deferred.extend(r for r in copy.recipients if r not in done)
                 attempt.reply = exc.reply
+                attempt.site_failure = True
             except OSError as exc:
                 # A broken spool file: never send a final dot for it.
                 upstream.abort()
@@ -540,7 +712,7 @@ class Scheduler:
             # Batched: outcomes recorded one after another in one thread,
             # so the saves of a message never overtake each other; the
             # worker goes on only once its outcome is on disk.
-            self._records((message, copy, attempt, dead, reason, now))
+            self._records((message, copy, attempt, dead, deferred, reason, now))
         except OSError as exc:
             # The outcome could not be written: the copy stays as it was on
             # disk and is tried again after a restart, if not sooner.
@@ -555,7 +727,7 @@ class Scheduler:
         })
 
     def _record_batch(
-        self, records: list[tuple[Message, Copy, _Attempt, list[str], str, float]],
+        self, records: list[tuple[Message, Copy, _Attempt, list[str], list[str], str, float]],
     ) -> list[BaseException | None]:
         """In a worker thread: the file-system side of a batch of outcomes.
         Journal lines and dead letters go in order; then every message
@@ -565,11 +737,13 @@ class Scheduler:
         spool = self.spool
         errors: list[BaseException | None] = [None] * len(records)
         last: dict[int, int] = {}  # id(message) -> index of its last record
-        for i, (message, copy, attempt, dead, reason, now) in enumerate(records):
+        for i, (message, copy, attempt, dead, deferred, reason, now) in enumerate(records):
             last[id(message)] = i
             try:
                 if attempt.delivered:
                     spool.journal_delivered(message, copy, attempt.delivered)
+                if deferred:
+                    spool.journal_deferred(message, copy, deferred, str(attempt.reply or ""))
                 for recipient, reply in attempt.refused:
                     spool.journal_refused(message, copy, recipient, str(reply))
                 if dead:
@@ -612,13 +786,27 @@ class Scheduler:
         return None
 
     def _update_gauges(self, now: float) -> None:
+        """Pending copies and the oldest one's age, per backup and in all.
+        Queue ids are fixed-width and begin with their creation time, so the
+        smallest key is the oldest copy (a C-level ``min``, no parsing)."""
+        total = 0
+        oldest_overall = None
+        for destination in self.config.relay.destination_backups:
+            dest = destination.name
+            ready, heap = self._ready.get(dest), self._delayed.get(dest)
+            count = (len(ready) if ready else 0) + (len(heap) if heap else 0) + self._in_flight.get(dest, 0)
+            oldest = min(
+                ([min(ready)] if ready else []) + ([min(heap, key=_second)[1]] if heap else []),
+                default=None,
+            )
+            total += count
+            age = 0.0 if oldest is None else max(0.0, now - _queue_time(oldest))
+            metrics.BACKUP_PENDING_COPIES.labels(dest).set(count)
+            metrics.BACKUP_OLDEST_PENDING_AGE.labels(dest).set(age)
+            if oldest is not None and (oldest_overall is None or oldest < oldest_overall):
+                oldest_overall = oldest
         metrics.SPOOL_COPIES.labels("pending").set(self.pending_count())
-        oldest = min(
-            (_queue_time(key) for keys in (*self._ready.values(), *(
-                [k for _, k in h] for h in self._delayed.values())) for key in keys),
-            default=now,
-        )
-        metrics.SPOOL_OLDEST_AGE.set(max(0.0, now - oldest))
+        metrics.SPOOL_OLDEST_AGE.set(0.0 if oldest_overall is None else max(0.0, now - _queue_time(oldest_overall)))
         if self._share[0] == 0 and now >= self._next_dead_count:
             # Dead letters belong to no worker: the first one counts them all.
             self._next_dead_count = now + DEAD_COUNT_SECONDS
@@ -683,6 +871,10 @@ def _rset(upstream: Upstream) -> None:
             upstream.rset()
         except UpstreamError:
             pass
+
+
+def _second(entry: tuple[float, str]) -> str:
+    return entry[1]
 
 
 def _key(message: Message, copy: Copy) -> str:

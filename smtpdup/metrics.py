@@ -96,6 +96,12 @@ BACKUP_ATTEMPTS = BACKUP_DELIVERIES = Counter(
     ["destination", "outcome"],
     registry=REGISTRY,
 )
+INFLOW_DELAY = Counter(
+    "smtpdup_inflow_delay_seconds",
+    "Time new transactions waited before MAIL because backup delivery was behind "
+    "and the relay short of CPU (inflow control, as Postfix's in_flow_delay)",
+    registry=REGISTRY,
+)
 BACKUP_REFUSED_RECIPIENTS = Counter(
     "smtpdup_backup_refused_recipients",
     "Recipients a backup refused although the primary accepted them",

@@ -155,10 +155,14 @@ class Relay:
     """What every relay session shares: the configuration (replaced whole
     on reload), the spool, the group commit and the delivery hand-off."""
 
-    def __init__(self, config: Config, spool: Spool, submit: Callable[[Message], None]) -> None:
+    def __init__(
+        self, config: Config, spool: Spool, submit: Callable[[Message], None],
+        flow_delay: Callable[[], None] = lambda: None,
+    ) -> None:
         self.config = config
         self.spool = spool
         self.submit = submit
+        self.flow_delay = flow_delay  # inflow control: may wait before a transaction
         # Group commit: concurrent sessions share their fsyncs (content,
         # before the final dot) and their renames + directory fsync (after
         # the primary's 2xx), one threadpool trip per batch.
@@ -221,6 +225,7 @@ class RelaySession:
 
     def mail(self, sender: str, params: dict[str, str | None]) -> Reply:
         self.reset()
+        self.relay.flow_delay()
         config = self.relay.config
         queue_id = new_queue_id()
         received = self._received_header(queue_id) if config.smtp.received_header else b""

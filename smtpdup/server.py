@@ -185,7 +185,7 @@ class RelayService:
         self.share = share
         self.serve_metrics = serve_metrics
         self.scheduler = Scheduler(config, self.spool)
-        self.relay = Relay(config, self.spool, self.scheduler.submit)
+        self.relay = Relay(config, self.spool, self.scheduler.submit, self.scheduler.flow_delay)
         self.server = SmtpServer(config, self.relay.session, listener=listener)
         self.draining = False
         self._http = None

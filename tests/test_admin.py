@@ -196,13 +196,16 @@ def test_requeue_flush_delete_and_show_by_id_and_destination(tmp_path, upstreams
     def settled_listing():
         found = entries(variables, tmp_path)
         dead = [e for e in found if e["state"] == "dead"]
-        waiting = [e for e in found if e["state"] == "pending" and e["attempts"] >= 1]
-        return found if len(dead) == 2 and len(waiting) == 4 else None
+        waiting = [e for e in found if e["state"] == "pending"]
+        # A 451 to MAIL backs the destination off: its first copy has an
+        # attempt, the other waits for the back-off without one.
+        tried = {e["destination"] for e in waiting if e["attempts"] >= 1}
+        return found if len(dead) == 2 and len(waiting) == 4 and len(tried) == 2 else None
 
-    listing = wait_until(settled_listing, what="2 dead copies and 4 retrying")
+    listing = wait_until(settled_listing, what="2 dead copies, 4 pending, each slow backup tried")
     dead_first, dead_second = [e for e in listing if e["state"] == "dead"]
     assert dead_first["recipients"] == ["bob@example.com"]
-    pending_a = [e for e in listing if e["destination"] == slow_a.address]
+    pending_a = [e for e in listing if e["destination"] == slow_a.address and e["attempts"] >= 1]
 
     # show: envelope, state, attempts with their replies, the header section.
     result = queue(variables, "show", dead_first["id"], cwd=tmp_path)
@@ -420,8 +423,11 @@ def test_root_commands_act_as_the_spool_owner_and_never_disturb_the_relay(servic
         assert queue(variables, "delete", "--dead", cwd=work).returncode == 0
         assert report(variables, work).returncode == 0
 
-        # The relay keeps delivering and recording what it delivers.
+        # The relay keeps delivering and recording what it delivers. The
+        # slow backup is backed off (451 to MAIL) for an hour: the operator
+        # who fixed it ends the back-off with a flush.
         slow.set_rules()
+        assert queue(variables, "flush", "--destination", slow.address, cwd=work).returncode == 0
         assert send((host, int(port)), "two", ["dave@example.com"]) == {}
         assert primary.wait_for(2)[1].rcpt_tos == ["dave@example.com"]
         assert refusing.wait_for(3)[2].rcpt_tos == ["dave@example.com"]

@@ -767,3 +767,109 @@ def test_a_slow_backup_does_not_hold_the_others_back(upstreams, relay, tmp_path)
     _restart_due(relay, primary, addresses, relay_backup_concurrency=4)
     backup2.wait_for(100, timeout=20)
     assert backup1.count() < 50
+
+
+def test_an_outage_costs_one_attempt_per_back_off_not_one_per_copy(upstreams, relay, tmp_path):
+    """A backup that answers 451 to MAIL is backed off as a whole: while it
+    is down only one copy probes it per back-off interval; the other copies
+    wait without an attempt or a save each. When it answers again, every
+    copy goes and the spool empties."""
+    from smtpdup import metrics
+
+    primary, backup = upstreams("primary"), upstreams("backup")
+    backup.set_rules(mail=DOWN)
+    keys = {"relay_retry_initial_seconds": 0.5, "relay_retry_max_interval_seconds": 1,
+            "relay_backup_concurrency": 2}
+    service = relay(primary.address, [backup.address], **keys)
+    started = time.monotonic()
+    with smtplib.SMTP(*service.address, timeout=30) as smtp:
+        for n in range(30):
+            smtp.sendmail("alice@example.com", ["bob@example.com"], content(f"outage-{n}"))
+
+    def attempts() -> int:
+        return sum(e["attempts"] for e in queue_entries(service.spool))
+
+    wait_until(lambda: attempts() >= 3, timeout=15, what="three probes of the backed-off backup")
+    elapsed = time.monotonic() - started
+    # At most one probe per back-off interval (0.5 s, then 1 s), plus the
+    # copies in flight when the first 451 came back.
+    bound = elapsed / 0.5 + 1 + service.config.relay.backup_concurrency
+    total = attempts()
+    assert total <= bound < 30, f"{total} attempts in {elapsed:.1f}s for 30 copies of one outage"
+    assert len(queue_entries(service.spool)) == 30
+    # The gauges agree with the queue: 30 waiting for this backup.
+    pending = metrics.BACKUP_PENDING_COPIES.labels(backup.address)
+    wait_until(lambda: pending._value.get() == 30, timeout=5, what="30 pending copies in the gauge")
+    assert metrics.BACKUP_OLDEST_PENDING_AGE.labels(backup.address)._value.get() > 0
+    backup.set_rules()
+    backup.wait_for(30, timeout=20)
+    environ = relay_environ(tmp_path, primary.address, [backup.address])
+    wait_until(lambda: spool_idle(environ), what="the spool to empty")
+    assert sorted(subjects(backup)) == sorted(f"outage-{n}" for n in range(30))
+    wait_until(lambda: pending._value.get() == 0, timeout=5, what="the gauge to reach 0")
+
+
+def test_copies_waiting_out_a_back_off_still_expire(upstreams, relay, tmp_path):
+    """The backup is backed off for an hour after its first 451; copies that
+    reach retry_max_age_seconds meanwhile are dead-lettered, not left to
+    wait for the probe."""
+    primary, backup = upstreams("primary"), upstreams("backup")
+    backup.set_rules(mail=DOWN)
+    service = relay(primary.address, [backup.address], relay_retry_max_age_seconds=2, **NEVER)
+    for n in range(5):
+        assert send(service.address, ["bob@example.com"], f"expiring-{n}") == {}
+    dead = wait_until(
+        lambda: (lambda d: d if len(d) == 5 else None)(
+            [e for e in queue_entries(service.spool) if e["state"] == "dead"]),
+        timeout=15, what="every copy to expire",
+    )
+    assert all(e["last_reply"].startswith("expired after ") and DOWN in e["last_reply"] for e in dead)
+    assert backup.count() == 0
+
+
+def test_inflow_control_delays_mail_only_when_short_of_cpu(upstreams, relay, tmp_path, monkeypatch):
+    """A backlog for a reachable but slow backup: while the relay has CPU to
+    spare, MAIL is answered at once (a slow backup never slows the primary
+    path); while the event loop runs late (a greenlet burns CPU here, as a
+    CPU-bound relay would), new transactions wait before MAIL and the
+    inflow metric counts the wait."""
+    from smtpdup import delivery, metrics
+
+    monkeypatch.setattr(delivery, "CONGESTED_READY", 50)  # a ready queue this long is "behind"
+    primary, (backup1,), addresses = _backlog(upstreams, relay, tmp_path, 120, backups=1)
+    backup1.set_rules(data_delay_seconds=1)
+    service = _restart_due(relay, primary, addresses, relay_backup_concurrency=2)
+    wait_until(lambda: service.scheduler.pending_count() >= 100 and service.scheduler.loaded.is_set(),
+               what="the backlog indexed")
+
+    def mail_seconds() -> float:
+        with smtplib.SMTP(*service.address, timeout=30) as smtp:
+            smtp.ehlo()
+            started = time.monotonic()
+            code, _ = smtp.mail("alice@example.com")
+            assert code == 250
+            return time.monotonic() - started
+
+    waited_before = metrics.INFLOW_DELAY._value.get()
+    assert mail_seconds() < 0.5
+    assert metrics.INFLOW_DELAY._value.get() == waited_before
+
+    burning = True
+
+    def burn() -> None:  # 10 ms of CPU between yields: the loop runs late
+        while burning:
+            until = time.monotonic() + 0.01
+            while time.monotonic() < until:
+                pass
+            gevent.sleep(0.001)
+
+    monkeypatch.setattr(delivery, "CONGESTED_LAG_SECONDS", 0.002)
+
+    burner = gevent.spawn(burn)
+    try:
+        wait_until(lambda: service.scheduler.congested(), timeout=10, what="the relay to see itself short of CPU")
+        assert mail_seconds() >= 0.3
+        assert metrics.INFLOW_DELAY._value.get() > waited_before
+    finally:
+        burning = False
+        burner.join(5)
