@@ -47,18 +47,25 @@ class Batch(Generic[Item]):
     until the batch holding its item is done. Items arriving while a batch
     runs form the next one, so under load a batch grows to what arrived
     during one trip, and an idle relay pays no delay at all.
+
+    ``concurrency`` trips may run at once: with 2, items arriving while one
+    trip waits for the disk leave at once in a second trip (their fsyncs
+    overlap the first's) instead of waiting for it to end.
     """
 
-    def __init__(self, work: Callable[[list[Item]], Sequence[BaseException | None]]) -> None:
+    def __init__(
+        self, work: Callable[[list[Item]], Sequence[BaseException | None]], concurrency: int = 1,
+    ) -> None:
         self._work = work
         self._waiting: list[tuple[Item, AsyncResult]] = []
-        self._running = False
+        self._running = 0
+        self._concurrency = concurrency
 
     def __call__(self, item: Item) -> None:
         waiter = AsyncResult()
         self._waiting.append((item, waiter))
-        if not self._running:
-            self._running = True
+        if self._running < self._concurrency:
+            self._running += 1
             gevent.spawn(self._run)
         waiter.get()
 
@@ -76,7 +83,7 @@ class Batch(Generic[Item]):
                     else:
                         waiter.set_exception(error)
         finally:
-            self._running = False
+            self._running -= 1
 
 
 def each(function: Callable[[Item], object]) -> Callable[[list[Item]], list[BaseException | None]]:

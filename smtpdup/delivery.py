@@ -65,7 +65,7 @@ from . import logs, metrics
 from .blocking import Batch, blocking
 from .config import Config, Destination
 from .reply import Reply
-from .spool import Copy, Message, Spool
+from .spool import MEMORY_CONTENT_BYTES, Copy, Message, Spool
 from .upstream import Upstream, UpstreamError
 
 log = logs.get("delivery")
@@ -592,8 +592,8 @@ class Scheduler:
         attempt = _Attempt()
         envelope = message.envelope
         try:
-            if time.time() - envelope.received_at < FRESH_SECONDS:
-                content = self._open_content(message)  # in the page cache: no disk wait
+            if message.content is not None or time.time() - envelope.received_at < FRESH_SECONDS:
+                content = self._open_content(message)  # in memory or the page cache: no disk wait
             else:
                 content = blocking(self._open_content, message)
         except FileNotFoundError:
@@ -764,9 +764,14 @@ class Scheduler:
         return errors
 
     def _open_content(self, message: Message) -> _Blocks:
-        """In a worker thread: the content of ``message``, as one block when
-        small (the usual case: one trip to the threadpool), else as an
-        iterator that reads each further block in the threadpool too."""
+        """In a worker thread: the content of ``message``. Small content is
+        in memory while the message is fresh (``Message.content``: the
+        chunks the relay received, or one read kept for the message's other
+        copies until none is queued), else read as one block (the usual
+        case: one trip to the threadpool); large content is an iterator that
+        reads each further block in the threadpool too."""
+        if message.content is not None:
+            return _Blocks(message.content)
         f = self.spool.open_content(message)
         length = message.content_length
         if length <= READ_BLOCK_BYTES:
@@ -776,6 +781,8 @@ class Scheduler:
                 f.close()
             if len(data) != length:
                 raise OSError(f"spool file of {message.queue_id} is truncated")
+            if length <= MEMORY_CONTENT_BYTES:
+                message.content = (data,)
             return _Blocks([data])
         return _Blocks(_stream(f, length))
 

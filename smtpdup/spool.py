@@ -7,9 +7,11 @@ runs its blocking calls (``fsync``, directory scans) in a threadpool.
 Layout (directories 0700, files 0600)::
 
     tmp/<qid>                 message being written: JSON header line + content
-    tmp/<qid>.state.<rand>    state file being written
+    tmp/_<tag>-<n>            blank opened ahead for a message to come (prepare)
+    tmp/<qid>.state.<tag>-<n> state file being written (tag: pid + random, per process)
     msg/<qid>                 committed message, immutable
     msg/<qid>.state           mutable per-copy state; absent = every copy fresh
+    free/<name>               settled message file kept for reuse (see _retire)
     dead/<qid>.<index>        dead-lettered copy: hard link to the message file
     dead/<qid>.<index>.json   its record (destination, recipients, reason ...)
     journal/<YYYY-MM-DD>.jsonl  outcome log (UTC days) read by ``report``
@@ -19,13 +21,31 @@ Layout (directories 0700, files 0600)::
 
 Why "a copy the sender was told is delivered is never lost" holds:
 
-* The content is fsynced before the final dot goes to the primary
-  (``SpoolFile.sync``; ``commit`` fsyncs again itself if anything was written
-  after that), so a committed name always points at complete content.
+* The content is on disk before the final dot goes to the primary
+  (``SpoolFile.sync``: the gathered writes, a cut to length if the file held
+  a longer old message, then ``fdatasync``, which also makes durable the
+  size and block map needed to read the data back; only timestamps may be
+  lost). ``commit`` syncs again itself if anything was written after that,
+  so a committed name always points at complete content.
 * Commit is one ``rename(tmp/<qid>, msg/<qid>)``: a message is either wholly
   in ``msg/`` or not there at all, never half-written. ``sync_directory``
-  (fsync of ``msg/``) then makes the new name durable; one call covers every
-  commit before it (group commit), and the 250 goes to the client only after.
+  (fsync of ``msg/``, through a descriptor kept open) then makes the new
+  name durable; one call covers every commit before it, and the 250 goes
+  to the client only after.
+* Group commit (``group_commit``, one threadpool trip): the renames of every
+  message whose primary said 2xx, the syncs of every message about to send
+  its final dot, then ONE fsync of ``msg/``. No caller is answered before
+  the call returns, so the order inside it is free; crash analysis per
+  step: killed before a rename, that message is still in ``tmp/`` (removed
+  by ``recover``; its client got no 250, the primary has it: the client
+  retries, a duplicate at the primary, never a lost copy); killed between
+  the renames and the directory fsync (crash point
+  ``group_commit_before_directory_sync``), the renamed messages are in
+  ``msg/`` after a kill -9 and delivered, though their clients got no 250
+  (a duplicate on retry), and after a power loss either there or not, with
+  the same answer to the client; a sync that fails fails only its own
+  message (dropped before its final dot), a failed directory fsync fails
+  every commit of the trip (each client hears 451 and retries).
 * A crash before the rename leaves only ``tmp/`` leftovers, which
   ``recover`` removes: those clients never got a 2xx.
 * A message file is removed only by ``save`` once every copy is settled
@@ -33,6 +53,9 @@ Why "a copy the sender was told is delivered is never lost" holds:
   ``delete``. Dead letters hard-link the content into ``dead/`` and fsync
   ``dead/`` before the caller can settle the copy, so content survives the
   removal of ``msg/<qid>`` without being copied.
+* Small content is also handed to the delivery in memory
+  (``Message.content``): the same bytes as on disk, used only while the
+  message is queued; nothing about durability depends on it.
 * The state file is replaced atomically but not fsynced: losing it after a
   crash only makes copies due again (an earlier retry, at worst a duplicate
   delivery of recipients already delivered): at-least-once, never zero.
@@ -76,6 +99,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import time
 import weakref
 from collections import deque
@@ -137,8 +161,25 @@ REQUEUE_MARKER_KEEP_SECONDS = 86400.0
 # A flush request newer than this is merged into the next one (another
 # destination, or all): a relay that has not polled yet sees both.
 FLUSH_MERGE_SECONDS = 5.0
+# A message file's writes are gathered up to this many bytes (or buffers)
+# and go out in one writev (see SpoolFile).
+WRITE_GATHER_BYTES = 64 * 1024
+WRITE_GATHER_BUFFERS = 64
+# Content up to this size is handed to the delivery in memory with the
+# message (Message.content), as the chunks already received: no reread.
+MEMORY_CONTENT_BYTES = 16 * 1024
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC
 _APPEND_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | _O_CLOEXEC
+
+
+# Crash tests kill the process at a named point (tests/test_durability.py,
+# SMTPDUP_TEST_CRASH_AT as in relay.py); unset in production.
+_CRASH_POINT = os.environ.get("SMTPDUP_TEST_CRASH_AT", "")
+
+
+def _crash_point(name: str) -> None:
+    if _CRASH_POINT == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class SpoolError(Exception):
@@ -187,6 +228,10 @@ class Message:
     copies: list[Copy]
     content_offset: int  # byte offset of content in the file
     content_length: int
+    # The content itself while the message is fresh and small (handed over
+    # by the writer, or read once and shared by every copy); None: read it
+    # from the file. Dropped with the Message once no copy is queued.
+    content: tuple[bytes, ...] | None = None
 
     @property
     def queue_id(self) -> str:
@@ -203,7 +248,7 @@ class Blank:
 
     fd: int
     path: str
-    recycled: bool  # holds an old message: overwritten, then cut to length
+    old_size: int  # bytes of an old message it holds (overwritten, cut at sync); < 0 unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,8 +298,13 @@ class _IdSource:
         self.renew()
 
     def renew(self) -> None:
-        self.pid = os.getpid() & 0xFFFF
+        pid = os.getpid()
+        self.pid = pid & 0xFFFF
         self.counter = itertools.count(secrets.randbits(20))
+        # Names of temporary files (blanks, state files being written):
+        # unique per process without a getrandom() each.
+        self.tmp_tag = f"{pid:x}-{secrets.token_hex(3)}"
+        self.tmp_counter = itertools.count()
 
 
 _ids = _IdSource()
@@ -270,6 +320,11 @@ def new_queue_id() -> str:
     syscall for randomness per message.
     """
     return f"{time.time_ns() // 1_000_000:011x}{_ids.pid:04x}{next(_ids.counter) & 0xFFFFF:05x}"
+
+
+def _tmp_name() -> str:
+    """A name unique among this spool's temporary files (no syscall)."""
+    return f"{_ids.tmp_tag}-{next(_ids.tmp_counter)}"
 
 
 def queue_id_time(queue_id: str) -> float:
@@ -599,18 +654,27 @@ class SpoolFile:
 
         with spool.create(envelope, targets) as f:
             for chunk in content: f.write(chunk)
+            f.flush()           # optional: write what is gathered, here
             f.sync()            # before the final dot goes to the primary
             ...                 # primary answers 2xx
             f.commit()
         spool.sync_directory()  # before the 250 goes to the client
 
-    Leaving the ``with`` block without ``commit`` discards the file.
-    Not thread-safe: one writer per file.
+    ``Spool.group_commit`` runs ``sync`` and ``commit`` of many files in
+    one call. Leaving the ``with`` block without ``commit`` discards the
+    file. Not thread-safe: one writer per file.
+
+    ``bytes`` written are gathered (references, not copies) and go out in
+    one ``writev`` with the header once WRITE_GATHER_BYTES wait, or at
+    ``flush``/``sync``: a small message costs one write syscall. Content of
+    at most MEMORY_CONTENT_BYTES in one chunk is also kept, that same
+    object, for ``message().content``.
     """
 
     __slots__ = (
         "queue_id", "envelope", "targets", "content_length", "_header_length",
-        "_fd", "_tmp_path", "_msg_path", "_pending_header", "_dirty", "_committed", "_recycled",
+        "_fd", "_tmp_path", "_msg_path", "_pending", "_pending_bytes", "_kept",
+        "_dirty", "_committed", "_old_size",
     )
 
     def __init__(
@@ -621,7 +685,7 @@ class SpoolFile:
         tmp_path: str,
         msg_path: str,
         header: bytes,
-        recycled: bool = False,
+        old_size: int = 0,
     ) -> None:
         self.queue_id = envelope.queue_id
         self.envelope = envelope
@@ -631,13 +695,15 @@ class SpoolFile:
         self._fd: int | None = fd
         self._tmp_path = tmp_path
         self._msg_path = msg_path
-        # The header goes out with the first write, in one writev: a syscall
-        # saved per message, and still no copy of the content.
-        self._pending_header: bytes | None = header
+        # Buffers not written yet, header first: one writev for them all.
+        self._pending: list[bytes | bytearray | memoryview] = [header]
+        self._pending_bytes = len(header)
+        self._kept: list[bytes] | None = []
         self._dirty = True
         self._committed = False
-        # A reused file is overwritten from its start and cut to length at sync.
-        self._recycled = recycled
+        # A reused file is overwritten from its start and cut to length at
+        # sync when its old content was longer (< 0: length unknown).
+        self._old_size = old_size
 
     def _require_open(self) -> int:
         if self._fd is None:
@@ -645,34 +711,67 @@ class SpoolFile:
         return self._fd
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Append content bytes (wire form); buffered by the OS only. Raises OSError."""
-        fd = self._require_open()
-        if self._pending_header is not None:
-            _write_all(fd, [self._pending_header, data])
-            self._pending_header = None
-        elif data:
-            _write_all(fd, [data])
-        self.content_length += len(data)
+        """Append content bytes (wire form). ``bytes`` are gathered (the
+        caller cannot change them), other buffers are written at once.
+        Raises OSError (a write error may also surface at the next write,
+        ``flush`` or ``sync``)."""
+        self._require_open()
+        if not data:
+            return
+        length = len(data)
+        kept = self._kept
+        if kept is not None:
+            if type(data) is bytes and self.content_length + length <= MEMORY_CONTENT_BYTES:
+                kept.append(data)
+            else:
+                self._kept = None
+        self.content_length += length
         self._dirty = True
+        self._pending.append(data)
+        self._pending_bytes += length
+        if (
+            type(data) is not bytes
+            or self._pending_bytes >= WRITE_GATHER_BYTES
+            or len(self._pending) >= WRITE_GATHER_BUFFERS
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is gathered (page cache only, no fsync). Raises OSError."""
+        pending = self._pending
+        if pending:
+            fd = self._require_open()
+            self._pending, self._pending_bytes = [], 0
+            _write_all(fd, pending)
 
     def message(self) -> Message:
         """The committed message as ``Spool.load`` would read it back, built
-        from what this writer already knows (no read from disk)."""
+        from what this writer already knows (no read from disk), with its
+        content in memory when small."""
         copies = [
             Copy(index=i, destination=t.destination, recipients=list(t.recipients))
             for i, t in enumerate(self.targets)
         ]
-        return Message(self.envelope, copies, self._header_length, self.content_length)
+        # One chunk only: several would leave for each backup as several
+        # sends (a loopback send costs more than rereading a cached file);
+        # then the first copy reads the file once for all (delivery.py).
+        kept = self._kept
+        return Message(
+            self.envelope, copies, self._header_length, self.content_length,
+            (kept[0],) if kept is not None and len(kept) == 1 else None,
+        )
 
     def sync(self) -> None:
-        """fsync the file (blocking): content is on disk. Raises OSError."""
+        """Write what is gathered and fdatasync the file (blocking): content
+        is on disk, with the metadata needed to read it back (its size,
+        its blocks), not its timestamps. Raises OSError."""
         fd = self._require_open()
-        if self._pending_header is not None:
-            _write_all(fd, [self._pending_header])
-            self._pending_header = None
-        if self._recycled:
-            os.ftruncate(fd, self._header_length + self.content_length)
-        os.fsync(fd)
+        self.flush()
+        length = self._header_length + self.content_length
+        if self._old_size < 0 or self._old_size > length:
+            os.ftruncate(fd, length)
+            self._old_size = length
+        os.fdatasync(fd)
         if os.fstat(fd).st_nlink == 0:
             # Removed behind our back (tmp/ deleted?): the commit would fail
             # after the primary's 2xx; say so now, before the final dot.
@@ -688,7 +787,7 @@ class SpoolFile:
         """
         if self._committed:
             return
-        if self._dirty or self._pending_header is not None:
+        if self._dirty or self._pending:
             self.sync()
         fd = self._require_open()
         self._fd = None
@@ -698,6 +797,8 @@ class SpoolFile:
 
     def discard(self) -> None:
         """Close and remove the uncommitted file. Idempotent; never raises."""
+        self._pending = []
+        self._kept = None
         fd, self._fd = self._fd, None
         if fd is not None:
             try:
@@ -747,6 +848,24 @@ class _JournalFiles:
                     os.close(fd)
                 except OSError:
                     pass
+
+
+class _DirFd:
+    """An open descriptor of a directory, for fsync without an open/close
+    per call; closed once (explicitly or when the Spool is collected)."""
+
+    __slots__ = ("fd", "__weakref__")
+
+    def __init__(self, path: str) -> None:
+        self.fd: int | None = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 class Spool:
@@ -804,12 +923,22 @@ class Spool:
         self._flush_seen = self._flush_stamp()  # requests before we started are not ours
         # Requeues before we started are found in msg/ by a scan (messages()).
         self._requeue_seen = self._requeue_markers()
-        # Files of settled messages, kept for reuse (see _retire).
-        self._free: deque[str] = deque(sorted(os.listdir(self._free_dir))[:FREE_FILES_MAX])
+        # Files of settled messages, kept for reuse (see _retire), with
+        # their sizes when known (-1: left by an earlier run).
+        self._free: deque[tuple[str, int]] = deque(
+            (name, -1) for name in sorted(os.listdir(self._free_dir))[:FREE_FILES_MAX]
+        )
+        try:
+            self._msg_dir = _DirFd(self._msg)
+        except OSError as exc:
+            raise SpoolError(f"spool: cannot open {self._msg}: {exc}") from None
+        weakref.finalize(self, self._msg_dir.close)
 
     def close(self) -> None:
-        """Close journal descriptors (also done when the Spool is collected)."""
+        """Close journal and directory descriptors (also done when the
+        Spool is collected)."""
         self._journal_files.close()
+        self._msg_dir.close()
 
     def __repr__(self) -> str:
         return f"Spool({self.directory!r})"
@@ -834,12 +963,11 @@ class Spool:
         Leftovers are removed by ``recover`` like any ``tmp/`` file."""
         blanks = []
         for _ in range(count):
-            path = os.path.join(self._tmp, f"{BLANK_PREFIX}{secrets.token_hex(8)}")
-            fd = self._reuse(path)
-            recycled = fd is not None
-            if fd is None:
-                fd = os.open(path, _NEW_FILE_FLAGS, FILE_MODE)
-            blanks.append(Blank(fd, path, recycled))
+            path = os.path.join(self._tmp, BLANK_PREFIX + _tmp_name())
+            reused = self._reuse(path)
+            if reused is None:
+                reused = os.open(path, _NEW_FILE_FLAGS, FILE_MODE), 0
+            blanks.append(Blank(reused[0], path, reused[1]))
         return blanks
 
     def create(self, envelope: Envelope, targets: Sequence[Target], blank: Blank | None = None) -> SpoolFile:
@@ -852,26 +980,26 @@ class Spool:
             raise ValueError(f"not a queue id: {queue_id!r}")
         header = _encode_header(envelope, targets) + b"\n"
         if blank is not None:
-            fd, tmp_path, recycled = blank.fd, blank.path, blank.recycled
-            return SpoolFile(envelope, targets, fd, tmp_path, self._msg_path(queue_id), header, recycled)
+            msg_path = self._msg_path(queue_id)
+            return SpoolFile(envelope, targets, blank.fd, blank.path, msg_path, header, blank.old_size)
         tmp_path = os.path.join(self._tmp, queue_id)
-        fd = self._reuse(tmp_path)
-        recycled = fd is not None
-        if fd is None:
-            fd = os.open(tmp_path, _NEW_FILE_FLAGS, FILE_MODE)
-        return SpoolFile(envelope, targets, fd, tmp_path, self._msg_path(queue_id), header, recycled)
+        reused = self._reuse(tmp_path)
+        if reused is None:
+            reused = os.open(tmp_path, _NEW_FILE_FLAGS, FILE_MODE), 0
+        return SpoolFile(envelope, targets, reused[0], tmp_path, self._msg_path(queue_id), header, reused[1])
 
-    def _reuse(self, path: str) -> int | None:
-        """A recycled file moved to ``path`` and opened for overwriting, or
-        None when there is none (another process may have taken it)."""
+    def _reuse(self, path: str) -> tuple[int, int] | None:
+        """A recycled file moved to ``path`` and opened for overwriting, with
+        the size of what it holds (-1: unknown), or None when there is none
+        (another process may have taken it)."""
         while True:
             try:
-                name = self._free.popleft()
+                name, size = self._free.popleft()
             except IndexError:
                 return None
             try:
                 os.rename(os.path.join(self._free_dir, name), path)
-                return os.open(path, os.O_WRONLY | _O_CLOEXEC)
+                return os.open(path, os.O_WRONLY | _O_CLOEXEC), size
             except FileNotFoundError:
                 continue
 
@@ -890,7 +1018,7 @@ class Spool:
                 if st.st_nlink == 1 and st.st_size <= FREE_FILE_MAX_BYTES:
                     name = os.path.basename(path)
                     os.rename(path, os.path.join(self._free_dir, name))
-                    self._free.append(name)
+                    self._free.append((name, st.st_size))
                     return
             except FileNotFoundError:
                 return
@@ -898,7 +1026,49 @@ class Spool:
 
     def sync_directory(self) -> None:
         """fsync ``msg/``: every commit before this call is durable (group commit)."""
-        _fsync_dir(self._msg)
+        fd = self._msg_dir.fd
+        if fd is None:
+            raise ValueError(f"{self!r} is closed")
+        os.fsync(fd)
+
+    def group_commit(self, items: Sequence[tuple[SpoolFile, bool]]) -> list[BaseException | None]:
+        """Blocking: the file-system work of many messages in one call (one
+        threadpool trip). ``items`` are (file, commit): commit=False syncs
+        the file (its content is on disk: the final dot may go out),
+        commit=True commits it (rename into ``msg/``). One fsync of
+        ``msg/`` after every rename makes them durable. Returns one entry
+        per item: None, or the OSError it failed with (a failed directory
+        fsync fails every commit of the call).
+
+        Renames come first: on ext4 the fsyncs that follow commit the
+        journal transaction holding them, and the directory fsync then has
+        little left to wait for. Order does not matter for correctness:
+        no caller is answered before the whole call returned.
+        """
+        errors: list[BaseException | None] = [None] * len(items)
+        committed = False
+        for i, (spool_file, commit) in enumerate(items):
+            if commit:
+                try:
+                    spool_file.commit()
+                    committed = True
+                except OSError as exc:
+                    errors[i] = exc
+        for i, (spool_file, commit) in enumerate(items):
+            if not commit:
+                try:
+                    spool_file.sync()
+                except OSError as exc:
+                    errors[i] = exc
+        if committed:
+            _crash_point("group_commit_before_directory_sync")
+            try:
+                self.sync_directory()
+            except OSError as exc:
+                for i, (_, commit) in enumerate(items):
+                    if commit and errors[i] is None:
+                        errors[i] = exc
+        return errors
 
     # -- reading --
 
@@ -1022,7 +1192,7 @@ class Spool:
                 self._retire(self._msg_path(queue_id))
             _unlink(state_path)
             return
-        tmp_path = os.path.join(self._tmp, f"{queue_id}.state.{secrets.token_hex(4)}")
+        tmp_path = os.path.join(self._tmp, f"{queue_id}.state.{_tmp_name()}")
         fd = os.open(tmp_path, _NEW_FILE_FLAGS, FILE_MODE)
         try:
             try:
@@ -1504,7 +1674,7 @@ class Spool:
         # process reuses: the rest would never be reused nor removed.
         for name in sorted(os.listdir(self._free_dir))[FREE_FILES_MAX:]:
             removed += _unlink(os.path.join(self._free_dir, name))
-        self._free = deque(sorted(os.listdir(self._free_dir)))
+        self._free = deque((name, -1) for name in sorted(os.listdir(self._free_dir)))
         messages: set[str] = set()
         states: list[str] = []
         with os.scandir(self._msg) as entries:

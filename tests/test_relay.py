@@ -39,6 +39,22 @@ def test_primary_and_backups_receive_the_same_content(upstreams, relay):
     assert b"[127.0.0.1]" in at_primary.content
 
 
+@pytest.mark.parametrize("received_header", [False, True], ids=["content-in-memory", "content-read-once"])
+def test_backups_fed_from_memory_or_one_shared_read_get_the_primarys_bytes(upstreams, relay, received_header):
+    """Without a Received header a small message is one chunk, handed to
+    the backups from memory; with it, the first copy reads the spool file
+    and the second reuses that read. Either way every backup gets exactly
+    the primary's bytes."""
+    primary, b1, b2 = upstreams("primary"), upstreams("b1"), upstreams("b2")
+    service = relay(primary.address, [b1.address, b2.address], smtp_received_header=received_header)
+    for n in range(3):
+        assert send(service, "alice@example.com", ["bob@example.com"], MESSAGE + b"n=%d\r\n" % n) == {}
+    at_primary = sorted(m.content for m in primary.wait_for(3))
+    assert sorted(m.content for m in b1.wait_for(3)) == at_primary
+    assert sorted(m.content for m in b2.wait_for(3)) == at_primary
+    assert all((b"Received: " in c) == received_header for c in at_primary)
+
+
 @pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined-backup", "lockstep-backup"])
 def test_per_recipient_refusal_reaches_client_and_is_not_copied(upstreams, relay, pipelining):
     primary, backup = upstreams("primary"), upstreams("backup", pipelining=pipelining)

@@ -213,8 +213,8 @@ def test_short_writes_are_completed(spool, monkeypatch):
 
 def test_commit_fsyncs_content_written_after_sync(spool, monkeypatch):
     synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(spool_module.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(spool_module.os, "fdatasync", lambda fd: (synced.append(fd), real_fdatasync(fd)))
     f = spool.create(make_envelope(), TARGETS)
     f.write(b"a\r\n")
     f.sync()
@@ -745,3 +745,72 @@ def test_large_or_linked_files_are_not_kept_for_reuse(tmp_path):
     assert os.listdir(tmp_path / "spool" / "free") == []
     [letter] = list(spool.dead_letters())
     assert letter.reason == "550 5.1.1 no"
+
+
+# --- gathered writes, content in memory, group commit ---------------------------------
+
+
+def test_small_message_is_one_writev_and_its_content_is_kept_in_memory(spool, monkeypatch):
+    calls = []
+    real_write, real_writev = os.write, os.writev
+    monkeypatch.setattr(spool_module.os, "write", lambda fd, b: (calls.append("write"), real_write(fd, b))[1])
+    monkeypatch.setattr(spool_module.os, "writev", lambda fd, bs: (calls.append("writev"), real_writev(fd, bs))[1])
+    f = spool.create(make_envelope(), TARGETS)
+    chunk = bytes(CONTENT)
+    f.write(chunk)
+    assert calls == []  # gathered with the header
+    f.sync()
+    assert calls == ["writev"]
+    f.commit()
+    message = f.message()
+    assert message.content is not None and message.content[0] is chunk  # the same object: no copy
+    monkeypatch.undo()
+    assert read_content(spool, spool.load(f.queue_id)) == CONTENT
+
+
+def test_content_in_memory_only_when_one_small_chunk(spool):
+    two = spool.create(make_envelope(), TARGETS)
+    two.write(CONTENT[:10])
+    two.write(CONTENT[10:])
+    two.commit()
+    assert two.message().content is None  # the delivery reads it once for every copy
+    big = spool.create(make_envelope(), TARGETS)
+    big.write(b"x" * spool_module.MEMORY_CONTENT_BYTES + b"\r\n")
+    big.commit()
+    assert big.message().content is None
+    mutable = spool.create(make_envelope(), TARGETS)
+    buffer = bytearray(CONTENT)
+    mutable.write(buffer)  # written at once: the caller may reuse its buffer
+    buffer[:] = b"X" * len(buffer)
+    mutable.commit()
+    assert mutable.message().content is None
+    assert read_content(spool, spool.load(mutable.queue_id)) == CONTENT
+
+
+def test_group_commit_syncs_and_commits_with_one_directory_fsync(spool, monkeypatch):
+    fsyncs, datasyncs = [], []
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
+    monkeypatch.setattr(spool_module.os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd))[1])
+    monkeypatch.setattr(spool_module.os, "fdatasync", lambda fd: (datasyncs.append(fd), real_fdatasync(fd))[1])
+    to_commit = []
+    for _ in range(3):
+        f = spool.create(make_envelope(), TARGETS)
+        f.write(CONTENT)
+        f.sync()
+        to_commit.append(f)
+    to_sync = spool.create(make_envelope(), TARGETS)
+    to_sync.write(CONTENT)
+    broken = spool.create(make_envelope(), TARGETS)
+    broken.write(CONTENT)
+    broken.sync()
+    os.unlink(broken._tmp_path)  # gone behind our back: its rename fails
+    datasyncs.clear()
+    items = [(f, True) for f in to_commit] + [(to_sync, False), (broken, True)]
+    errors = spool.group_commit(items)
+    assert errors[:4] == [None] * 4
+    assert isinstance(errors[4], FileNotFoundError)
+    assert len(fsyncs) == 1  # msg/, once for the three renames
+    assert len(datasyncs) == 1  # the file to sync; the committed ones were synced before
+    assert sorted(m.queue_id for m in spool.messages()) == sorted(f.queue_id for f in to_commit)
+    to_sync.discard()
+    broken.discard()
