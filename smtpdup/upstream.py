@@ -141,12 +141,31 @@ class Upstream:
         self.authenticated = False
         self._plain_because = ""  # why a session is in plain text, for an error
         self._smtp: smtplib.SMTP | None = None
+        # Where the session stands, so that it can be handed to another
+        # user (relay.PrimaryPool): ``busy`` while a command waits for its
+        # reply (a greenlet killed there leaves it set), ``in_transaction``
+        # from a 2xx to MAIL to the final dot or RSET, ``in_data`` from a
+        # 354 to the final dot.
+        self.busy = False
+        self.in_transaction = False
+        self.in_data = False
 
     # -- connection -----------------------------------------------------
 
     @property
     def connected(self) -> bool:
         return self._smtp is not None
+
+    @property
+    def reusable(self) -> bool:
+        """Connected, and no reply or content is owed either way: another
+        transaction may start here (after an RSET if ``in_transaction``)."""
+        return self._smtp is not None and not self.busy and not self.in_data
+
+    def key(self) -> tuple:
+        """What makes two sessions interchangeable: same destination, seen
+        with the same settings."""
+        return (self.destination, self.timeout_seconds, self.local_hostname, self.tls_ca_file)
 
     @property
     def extensions(self) -> list[str]:
@@ -174,6 +193,7 @@ class Upstream:
 
     def _open(self, starttls: str, plain_because: str = "") -> None:
         dest = self.destination
+        self.busy = self.in_transaction = self.in_data = False
         self._plain_because = plain_because or (
             "starttls=off" if dest.starttls == "off" else "the destination does not offer STARTTLS")
         self.greeting, self.tls, self.authenticated = None, None, False
@@ -321,12 +341,14 @@ class Upstream:
         smtp = self._smtp
         if smtp is None:
             raise _unavailable(self.destination, "not connected")
+        self.busy = True
         try:
             send_all(smtp.sock, line + b"\r\n")
             code, message = smtp.getreply()
         except (OSError, smtplib.SMTPException) as exc:
             self.abort()
             raise _unavailable(self.destination, _describe(exc)) from None
+        self.busy = False
         if code == 421:
             # The destination is closing the session: it cannot be reused.
             self.abort()
@@ -339,12 +361,14 @@ class Upstream:
         smtp = self._smtp
         if smtp is None:
             raise _unavailable(self.destination, "not connected")
+        self.busy = True
         try:
             send_all(smtp.sock, b"".join(line + b"\r\n" for line in lines))
             replies = [Reply.from_smtplib(*smtp.getreply()) for _ in lines]
         except (OSError, smtplib.SMTPException) as exc:
             self.abort()
             raise _unavailable(self.destination, _describe(exc)) from None
+        self.busy = False
         if any(reply.code == 421 for reply in replies):
             self.abort()
         return replies
@@ -370,7 +394,11 @@ class Upstream:
     def mail(self, sender: str, params: Mapping[str, str | None]) -> Reply:
         """MAIL FROM (see _mail_line); nothing is sent for a 553 5.6.7."""
         line = self._mail_line(sender, params)
-        return line if isinstance(line, Reply) else self.command(line)
+        if isinstance(line, Reply):
+            return line
+        reply = self.command(line)
+        self.in_transaction = reply.code // 100 == 2
+        return reply
 
     def rcpt(self, recipient: str) -> Reply:
         return self.command(_rcpt_line(recipient))
@@ -398,12 +426,14 @@ class Upstream:
             return mail, rcpts, self.data()
         replies = self.commands([line, *map(_rcpt_line, recipients), b"DATA"])
         mail, rcpts, data = replies[0], replies[1:-1], replies[-1]
+        self.in_transaction = mail.code // 100 == 2
+        self.in_data = data.code == 354
         if mail.code // 100 != 2:
             rcpts = []
         if data.code == 354 and not any(r.code // 100 == 2 for r in rcpts):
             # A server that took DATA without a recipient gets an empty
             # message ended at once (RFC 2920 §3.1), which it must refuse.
-            self.command(b".")
+            self.end_data(True)
             data = None
         elif data.code != 354 and not any(r.code // 100 == 2 for r in rcpts):
             data = None
@@ -411,7 +441,9 @@ class Upstream:
 
     def data(self) -> Reply:
         """DATA; a 354 means content may follow."""
-        return self.command(b"DATA")
+        reply = self.command(b"DATA")
+        self.in_data = reply.code == 354
+        return reply
 
     def send(self, content: bytes) -> None:
         """Stream wire-form content after a 354. Raises UpstreamError."""
@@ -431,10 +463,15 @@ class Upstream:
         ``ends_with_crlf`` says whether the content ends a line; if not, a
         CRLF is added first so the dot stands alone.
         """
-        return self.command(last + (b"." if ends_with_crlf else b"\r\n."))
+        reply = self.command(last + (b"." if ends_with_crlf else b"\r\n."))
+        self.in_transaction = self.in_data = False
+        return reply
 
     def rset(self) -> Reply:
-        return self.command(b"RSET")
+        reply = self.command(b"RSET")
+        if reply.code // 100 == 2:
+            self.in_transaction = False
+        return reply
 
 
 @dataclass(frozen=True)
