@@ -10,6 +10,10 @@ decides policy: the relay and the delivery scheduler do.
 Content handed to :meth:`Upstream.send` is already in wire form (CRLF line
 ends, dot-stuffed), so it is written to the socket as it is: no per-line
 work and no copy.
+
+smtplib opens the session (greeting, EHLO, STARTTLS, AUTH); from then on the
+replies are read off our own receive buffer (``reply.take_reply``): one
+recv() and a slice or two per reply instead of smtplib's file object.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .config import Destination
-from .reply import Reply
+from .reply import Reply, ReplyError, take_reply
 
-# RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets; smtplib reads
-# up to its own _MAXLINE (8192) per line, which bounds what a broken peer
-# can make us buffer.
+# RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets; reply.take_reply
+# bounds a line at 8 KiB and a reply at 64 KiB, as far as a broken peer can
+# make us buffer. Bytes asked of the socket per read:
+RECV_BYTES = 16384
 
 
 class UpstreamError(Exception):
@@ -149,6 +154,8 @@ class Upstream:
         self.busy = False
         self.in_transaction = False
         self.in_data = False
+        self._sock: socket.socket | None = None  # smtplib's, once the session is open
+        self._received = bytearray()  # what the destination sent, not yet taken
 
     # -- connection -----------------------------------------------------
 
@@ -227,6 +234,7 @@ class Upstream:
                 self._starttls(smtp, starttls)
             if dest.username:
                 self._login()
+            self._take_over(smtp)
         except _HandshakeFailed:
             self.abort()
             raise
@@ -236,6 +244,38 @@ class Upstream:
         except (OSError, smtplib.SMTPException, ValueError) as exc:
             self.abort()
             raise _unavailable(dest, _describe(exc)) from None
+
+    def _take_over(self, smtp: smtplib.SMTP) -> None:
+        """From here on, replies are read off our own buffer; anything
+        smtplib's file object had already read goes there first."""
+        self._sock = smtp.sock
+        self._received.clear()
+        reader = smtp.file
+        if reader is not None:
+            timeout = smtp.sock.gettimeout()
+            smtp.sock.settimeout(0.0)  # take what is buffered, wait for nothing
+            try:
+                self._received += reader.read1(RECV_BYTES) or b""
+            except (OSError, ValueError):
+                pass
+            finally:
+                smtp.sock.settimeout(timeout)
+            smtp.file = None
+            reader.close()
+
+    def _read_reply(self) -> Reply:
+        """The destination's next reply. Raises OSError, SMTPException or
+        ReplyError."""
+        received = self._received
+        reply = take_reply(received) if received else None
+        while reply is None:
+            assert self._sock is not None
+            data = self._sock.recv(RECV_BYTES)
+            if not data:
+                raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+            received += data
+            reply = take_reply(received)
+        return reply
 
     def _starttls(self, smtp: smtplib.SMTP, starttls: str) -> None:
         dest = self.destination
@@ -318,54 +358,56 @@ class Upstream:
         """Drop the connection without another word: used to make sure a
         message is *not* delivered (the final dot is never sent)."""
         smtp, self._smtp = self._smtp, None
+        self._sock = None
         if smtp is not None:
             smtp.close()
 
     def quit(self) -> None:
         """End the session politely; errors are irrelevant by now."""
-        smtp, self._smtp = self._smtp, None
+        smtp = self._smtp
         if smtp is None:
             return
         try:
-            smtp.sock.sendall(b"QUIT\r\n")
-            smtp.getreply()
-        except (OSError, smtplib.SMTPException):
+            if self._sock is not None and not self.busy:
+                send_all(self._sock, b"QUIT\r\n")
+                self._read_reply()
+        except (OSError, smtplib.SMTPException, ReplyError):
             pass
         finally:
-            smtp.close()
+            self.abort()
 
     # -- commands -------------------------------------------------------
 
     def command(self, line: bytes) -> Reply:
         """Send one command line (without CRLF) and read its reply."""
-        smtp = self._smtp
-        if smtp is None:
+        sock = self._sock
+        if sock is None:
             raise _unavailable(self.destination, "not connected")
         self.busy = True
         try:
-            send_all(smtp.sock, line + b"\r\n")
-            code, message = smtp.getreply()
-        except (OSError, smtplib.SMTPException) as exc:
+            send_all(sock, line + b"\r\n")
+            reply = self._read_reply()
+        except (OSError, smtplib.SMTPException, ReplyError) as exc:
             self.abort()
             raise _unavailable(self.destination, _describe(exc)) from None
         self.busy = False
-        if code == 421:
+        if reply.code == 421:
             # The destination is closing the session: it cannot be reused.
             self.abort()
-        return Reply.from_smtplib(code, message)
+        return reply
 
     def commands(self, lines: list[bytes]) -> list[Reply]:
         """Send several command lines in one write and read a reply for
         each, in order (RFC 2920 PIPELINING; only for destinations that
         advertise it)."""
-        smtp = self._smtp
-        if smtp is None:
+        sock = self._sock
+        if sock is None:
             raise _unavailable(self.destination, "not connected")
         self.busy = True
         try:
-            send_all(smtp.sock, b"".join(line + b"\r\n" for line in lines))
-            replies = [Reply.from_smtplib(*smtp.getreply()) for _ in lines]
-        except (OSError, smtplib.SMTPException) as exc:
+            send_all(sock, b"".join(line + b"\r\n" for line in lines))
+            replies = [self._read_reply() for _ in lines]
+        except (OSError, smtplib.SMTPException, ReplyError) as exc:
             self.abort()
             raise _unavailable(self.destination, _describe(exc)) from None
         self.busy = False
@@ -447,11 +489,11 @@ class Upstream:
 
     def send(self, content: bytes) -> None:
         """Stream wire-form content after a 354. Raises UpstreamError."""
-        smtp = self._smtp
-        if smtp is None:
+        sock = self._sock
+        if sock is None:
             raise _unavailable(self.destination, "not connected")
         try:
-            send_all(smtp.sock, content)
+            send_all(sock, content)
         except OSError as exc:
             self.abort()
             raise _unavailable(self.destination, _describe(exc)) from None
