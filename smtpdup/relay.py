@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import logging
 import os
 import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gevent
 
@@ -53,8 +54,17 @@ BLANKS_LOW = 8
 POOL_MAX_IDLE = 32
 POOL_IDLE_SECONDS = 5.0
 
+# Content for the primary is held back and leaves in one write (sendmsg,
+# no join) with the Received header before it and the final dot after it,
+# unless it grows beyond this many bytes or pieces first.
+HOLD_BYTES = 65536
+HOLD_PIECES = 64
+
 # The transaction outcome (log line and metric) for the reply the client got.
 _OUTCOMES = {2: "accepted", 4: "deferred", 5: "rejected"}
+
+# The counter of each outcome, bound once (labels() is a lookup under a lock).
+_TRANSACTION_COUNTERS = {outcome: metrics.TRANSACTIONS.labels(outcome) for outcome in metrics.TRANSACTION_OUTCOMES}
 
 # A HELO name goes into the Received header; keep it printable and short.
 MAX_HELO_IN_HEADER = 255
@@ -112,6 +122,20 @@ def targets_for(queue_id: str, recipients: list[str], backups: tuple[Destination
     return targets
 
 
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _received_date() -> str:
+    """RFC 5322 date of now in UTC, formatted once per second."""
+    global _date_cache
+    now = int(time.time())
+    second, text = _date_cache
+    if second != now:
+        text = email.utils.formatdate(now, localtime=False, usegmt=False).replace("-0000", "+0000")
+        _date_cache = (now, text)
+    return text
+
+
 def _printable(text: str, limit: int) -> str:
     cleaned = "".join(c if 32 < ord(c) < 127 else "?" for c in text[:limit])
     return cleaned or "unknown"
@@ -128,7 +152,8 @@ class _Transaction:
     spool_file: SpoolFile | None = None
     size: int = 0
     tail: bytes = b"\r\n"  # last two bytes sent: does the content end a line?
-    held: bytes = b""  # the newest chunk, not yet sent to the primary
+    held: list[bytes] = field(default_factory=list)  # content not yet sent to the primary
+    held_bytes: int = 0
     failure: Reply | None = None  # set when the primary or the spool broke mid-DATA
 
 
@@ -464,10 +489,13 @@ class RelaySession:
             except OSError as exc:
                 self._spool_failed(txn, exc)
                 return
-        # The newest chunk is held back and leaves with the final dot (one
-        # write fewer per message); everything before it streams on.
-        held, txn.held = txn.held, data
-        if held:
+        # Held back to leave in one write with what follows (the final dot,
+        # for a small message: one write for the whole content).
+        held = txn.held
+        held.append(data)
+        txn.held_bytes += len(data)
+        if txn.held_bytes >= HOLD_BYTES or len(held) >= HOLD_PIECES:
+            txn.held, txn.held_bytes = [], 0
             try:
                 assert self._primary is not None
                 self._primary.send(held)
@@ -551,7 +579,10 @@ class RelaySession:
             txn.spool_file = None
 
     def _finish(self, txn: _Transaction, reply: Reply | None, outcome: str) -> None:
-        metrics.TRANSACTIONS.labels(outcome).inc()
+        counter = _TRANSACTION_COUNTERS.get(outcome)
+        (counter or metrics.TRANSACTIONS.labels(outcome)).inc()
+        if not log.isEnabledFor(logging.INFO):
+            return
         log.info(
             "transaction",
             extra={
@@ -572,7 +603,7 @@ class RelaySession:
         with_ = ("ESMTP" if self.esmtp else "SMTP") + ("S" if self.tls else "")
         ip = self.client_ip
         literal = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
-        date = email.utils.formatdate(usegmt=False, localtime=False).replace("-0000", "+0000")
+        date = _received_date()
         return (
             f"Received: from {helo} ({literal})\r\n"
             f"\tby {self.relay.config.smtp.domain} (smtpdup) with {with_} id {queue_id};\r\n"

@@ -56,6 +56,25 @@ def send_all(sock: socket.socket, data: bytes) -> None:
         sock.sendall(memoryview(data)[sent:])
 
 
+def send_parts(sock: socket.socket, parts: list[bytes], tls: bool = False) -> None:
+    """Send ``parts`` in order, in one write where the socket allows
+    (sendmsg; a TLS socket gets them joined). Raises OSError."""
+    if len(parts) == 1:
+        send_all(sock, parts[0])
+        return
+    if tls:
+        send_all(sock, b"".join(parts))
+        return
+    sent = sock.sendmsg(parts)
+    if sent < sum(map(len, parts)):
+        for part in parts:
+            if sent >= len(part):
+                sent -= len(part)
+                continue
+            sock.sendall(memoryview(part)[sent:])
+            sent = 0
+
+
 def _unavailable(destination: Destination, what: str) -> UpstreamError:
     return UpstreamError(Reply(451, "4.4.1", f"{destination.name} unavailable: {what}"))
 
@@ -378,14 +397,18 @@ class Upstream:
 
     # -- commands -------------------------------------------------------
 
-    def command(self, line: bytes) -> Reply:
-        """Send one command line (without CRLF) and read its reply."""
+    def command(self, line: bytes | list[bytes]) -> Reply:
+        """Send one command line (without CRLF; or the pieces of one) and
+        read its reply."""
         sock = self._sock
         if sock is None:
             raise _unavailable(self.destination, "not connected")
         self.busy = True
         try:
-            send_all(sock, line + b"\r\n")
+            if isinstance(line, bytes):
+                send_all(sock, line + b"\r\n")
+            else:
+                send_parts(sock, [*line, b"\r\n"], self.tls is not None)
             reply = self._read_reply()
         except (OSError, smtplib.SMTPException, ReplyError) as exc:
             self.abort()
@@ -487,25 +510,30 @@ class Upstream:
         self.in_data = reply.code == 354
         return reply
 
-    def send(self, content: bytes) -> None:
-        """Stream wire-form content after a 354. Raises UpstreamError."""
+    def send(self, content: bytes | list[bytes]) -> None:
+        """Stream wire-form content (or its pieces, in one write) after a
+        354. Raises UpstreamError."""
         sock = self._sock
         if sock is None:
             raise _unavailable(self.destination, "not connected")
         try:
-            send_all(sock, content)
+            if isinstance(content, bytes):
+                send_all(sock, content)
+            else:
+                send_parts(sock, content, self.tls is not None)
         except OSError as exc:
             self.abort()
             raise _unavailable(self.destination, _describe(exc)) from None
 
-    def end_data(self, ends_with_crlf: bool, last: bytes = b"") -> Reply:
-        """Send ``last`` (the end of the content, if any) and the final dot
-        in one write; return the destination's verdict.
+    def end_data(self, ends_with_crlf: bool, last: bytes | list[bytes] = b"") -> Reply:
+        """Send ``last`` (the end of the content, if any, or its pieces)
+        and the final dot in one write; return the destination's verdict.
 
         ``ends_with_crlf`` says whether the content ends a line; if not, a
         CRLF is added first so the dot stands alone.
         """
-        reply = self.command(last + (b"." if ends_with_crlf else b"\r\n."))
+        dot = b"." if ends_with_crlf else b"\r\n."
+        reply = self.command(last + dot if isinstance(last, bytes) else [*last, dot])
         self.in_transaction = self.in_data = False
         return reply
 
