@@ -233,3 +233,33 @@ def test_primary_refusing_mail_leaves_the_session_reusable(upstreams, relay):
     assert send(service, "accepted@example.com") == {}
     assert [s.mail_from for s in primary.wait_for(1)] == ["accepted@example.com"]
     assert primary.commands().count("EHLO") == 1
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_content_held_and_flushed_in_pieces_arrives_whole(upstreams, relay, certificates, tls):
+    """Content reaches the primary in writes of several pieces (sendmsg,
+    or joined over TLS): a message sent in many small writes, past the
+    hold bounds, arrives byte for byte, and so does the next one."""
+    primary = upstreams("primary", tls=certificates) if tls else upstreams("primary")
+    address = f"smtp://127.0.0.1:{primary.port}" + ("?starttls=require" if tls else "")
+    service = relay(address, relay_tls_ca_file=str(certificates.ca))
+    lines = [b"Subject: pieces\r\n", b"\r\n"] + [b"%06d " % n + b"z" * 90 + b"\r\n" for n in range(3000)]
+    with socket.create_connection(service.address, timeout=10) as sock:
+        sock.recv(1024)
+        sock.sendall(b"EHLO c\r\nMAIL FROM:<p@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+        buffer = b""
+        while b"354" not in buffer:
+            buffer += sock.recv(4096)
+        for n in range(0, len(lines), 7):  # ~700-byte writes: many small chunks
+            sock.sendall(b"".join(lines[n : n + 7]))
+        sock.sendall(b".\r\n")
+        buffer = b""
+        while b"\r\n" not in buffer:
+            buffer += sock.recv(4096)
+        assert buffer.startswith(b"250"), buffer
+        sock.sendall(b"QUIT\r\n")
+    assert send(service, "after@example.com") == {}
+    stored = sorted(primary.wait_for(2), key=lambda s: s.mail_from)
+    assert [s.mail_from for s in stored] == ["after@example.com", "p@example.com"]
+    assert stored[1].body_without_trace == b"".join(lines)
+    assert stored[1].tls is tls
