@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import logging
 import os
 import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gevent
 
@@ -46,8 +47,24 @@ log = logs.get("relay")
 BLANKS_BATCH = 64
 BLANKS_LOW = 24
 
+# Idle sessions to the primary kept for the next client session, as
+# Postfix's connection cache does: at most POOL_MAX_IDLE, each at most
+# POOL_IDLE_SECONDS (well below a server's idle timeout, 300 s in Postfix
+# and 10 s under stress; a session the primary closed anyway is reopened).
+POOL_MAX_IDLE = 32
+POOL_IDLE_SECONDS = 5.0
+
+# Content for the primary is held back and leaves in one write (sendmsg,
+# no join) with the Received header before it and the final dot after it,
+# unless it grows beyond this many bytes or pieces first.
+HOLD_BYTES = 65536
+HOLD_PIECES = 64
+
 # The transaction outcome (log line and metric) for the reply the client got.
 _OUTCOMES = {2: "accepted", 4: "deferred", 5: "rejected"}
+
+# The counter of each outcome, bound once (labels() is a lookup under a lock).
+_TRANSACTION_COUNTERS = {outcome: metrics.TRANSACTIONS.labels(outcome) for outcome in metrics.TRANSACTION_OUTCOMES}
 
 # A HELO name goes into the Received header; keep it printable and short.
 MAX_HELO_IN_HEADER = 255
@@ -87,6 +104,20 @@ def targets_for(queue_id: str, recipients: list[str], backups: tuple[Destination
     return targets
 
 
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _received_date() -> str:
+    """RFC 5322 date of now in UTC, formatted once per second."""
+    global _date_cache
+    now = int(time.time())
+    second, text = _date_cache
+    if second != now:
+        text = email.utils.formatdate(now, localtime=False, usegmt=False).replace("-0000", "+0000")
+        _date_cache = (now, text)
+    return text
+
+
 def _printable(text: str, limit: int) -> str:
     cleaned = "".join(c if 32 < ord(c) < 127 else "?" for c in text[:limit])
     return cleaned or "unknown"
@@ -103,7 +134,8 @@ class _Transaction:
     spool_file: SpoolFile | None = None
     size: int = 0
     tail: bytes = b"\r\n"  # last two bytes sent: does the content end a line?
-    held: bytes = b""  # the newest chunk, not yet sent to the primary
+    held: list[bytes] = field(default_factory=list)  # content not yet sent to the primary
+    held_bytes: int = 0
     failure: Reply | None = None  # set when the primary or the spool broke mid-DATA
 
 
@@ -133,6 +165,123 @@ class BlankSupply:
             self._refilling = False
 
 
+def _primary_key(config: Config) -> tuple:
+    """Upstream.key() of a session to the configured primary."""
+    relay = config.relay
+    return (relay.destination_primary, relay.timeout_seconds, config.smtp.domain, relay.tls_ca_file)
+
+
+class PrimaryPool:
+    """Idle sessions to the primary, shared by the client sessions one at a
+    time: a client session ``take``s one at its first MAIL and ``give``s it
+    back when it ends, so a client that sends one message per connection
+    does not cost a connect, greeting, EHLO (STARTTLS, AUTH) and QUIT
+    upstream each time.
+
+    A session is pooled only when no reply or content is owed (a
+    transaction left open gets an RSET first; one in DATA is dropped
+    without its final dot). No client-specific state travels with a
+    session: it carries smtpdup's own EHLO name and the destination's own
+    credentials only. The newest idle session is used first, so a pool
+    larger than the load needs ages out (a sweeper QUITs sessions idle
+    longer than POOL_IDLE_SECONDS).
+    """
+
+    def __init__(self, config: Config) -> None:
+        self._key = _primary_key(config)
+        self._idle: list[tuple[float, Upstream]] = []  # oldest first
+        self._sweeper: gevent.Greenlet | None = None
+        self.closed = False
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+    def take(self, config: Config) -> Upstream:
+        """A pooled session to the configured primary (connected when it
+        was idle), else a new one, not connected yet."""
+        key = _primary_key(config)
+        if key != self._key:
+            self.reconfigure(config)
+        idle = self._idle
+        if idle:
+            since, upstream = idle.pop()
+            if time.monotonic() - since < POOL_IDLE_SECONDS:
+                return upstream
+            # The newest has expired, so have all.
+            idle.append((since, upstream))
+            self._quit_all(idle)
+            idle.clear()
+        destination, timeout, domain, ca_file = key
+        assert destination is not None
+        return Upstream(destination, timeout_seconds=timeout, local_hostname=domain, tls_ca_file=ca_file)
+
+    def give(self, upstream: Upstream) -> None:
+        """Take ``upstream`` back from a client session that is done with
+        it: pooled if reusable, else closed."""
+        if not upstream.reusable:
+            upstream.abort()
+            return
+        if self.closed or upstream.key() != self._key or len(self._idle) >= POOL_MAX_IDLE:
+            upstream.quit()
+            return
+        if upstream.in_transaction:
+            try:
+                reply = upstream.rset()
+            except UpstreamError:
+                return  # closed by now
+            if reply.code // 100 != 2 or not upstream.reusable:
+                upstream.abort()
+                return
+            if self.closed or len(self._idle) >= POOL_MAX_IDLE:
+                upstream.quit()
+                return
+        self._idle.append((time.monotonic(), upstream))
+        if self._sweeper is None:
+            self._sweeper = gevent.spawn(self._sweep)
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: sessions to a primary no longer configured (or with
+        other settings) are QUIT; those in use are closed when given back."""
+        key = _primary_key(config)
+        if key != self._key:
+            self._key = key
+            self._quit_all(self._idle)
+            self._idle = []
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Shutdown: QUIT every idle session (waiting at most ``timeout``);
+        sessions given back later are QUIT too."""
+        self.closed = True
+        idle, self._idle = self._idle, []
+        if self._sweeper is not None:
+            self._sweeper.kill(block=False)
+            self._sweeper = None
+        gevent.joinall(self._quit_all(idle), timeout=timeout)
+
+    def _retire_expired(self) -> None:
+        idle = self._idle
+        limit = time.monotonic() - POOL_IDLE_SECONDS
+        expired = 0
+        while expired < len(idle) and idle[expired][0] <= limit:
+            expired += 1
+        if expired:
+            self._quit_all(idle[:expired])
+            del idle[:expired]
+
+    @staticmethod
+    def _quit_all(sessions: list[tuple[float, Upstream]]) -> list[gevent.Greenlet]:
+        # In the background: the caller may be a client session waiting.
+        return [gevent.spawn(upstream.quit) for _, upstream in sessions]
+
+    def _sweep(self) -> None:
+        try:
+            while self._idle:
+                gevent.sleep(POOL_IDLE_SECONDS / 2)
+                self._retire_expired()
+        finally:
+            self._sweeper = None
+
+
 class Relay:
     """What every relay session shares: the configuration (replaced whole
     on reload), the spool, the group commit and the delivery hand-off."""
@@ -153,6 +302,12 @@ class Relay:
         self.sync: Callable[[SpoolFile], None] = lambda spool_file: work((spool_file, False))
         self.commit_durable: Callable[[SpoolFile], None] = lambda spool_file: work((spool_file, True))
         self.blanks = BlankSupply(spool)
+        self.pool = PrimaryPool(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: sessions that start from now on use ``config``."""
+        self.config = config
+        self.pool.reconfigure(config)
 
     def session(self, client_ip: str) -> RelaySession:
         return RelaySession(self, client_ip)
@@ -195,15 +350,14 @@ class RelaySession:
 
     def close(self) -> None:
         txn, self._txn = self._txn, None
+        primary, self._primary = self._primary, None
         if txn is not None:
             self._discard(txn)
             self._finish(txn, None, "aborted")
-        if self._primary is not None:
-            if txn is not None:
-                self._primary.abort()  # mid-transaction: no final dot, ever
-            else:
-                self._primary.quit()
-            self._primary = None
+        if primary is not None:
+            # Back to the pool; mid-DATA it is dropped (no final dot, ever),
+            # mid-envelope it is RSET first.
+            self.relay.pool.give(primary)
 
     # -- the transaction, in lockstep with the primary -------------------
 
@@ -222,9 +376,11 @@ class RelaySession:
         return reply
 
     def _primary_mail(self, sender: str, params: dict[str, str | None]) -> Reply:
-        reused = self._primary is not None and self._primary.connected
+        primary = self._primary_session()
+        reused = primary.connected
         try:
-            primary = self._connected_primary()
+            if not reused:
+                primary.connect()
             reply = primary.mail(sender, params)
             if reused and reply.code == 421:
                 raise UpstreamError(reply)
@@ -234,26 +390,23 @@ class RelaySession:
                 return self._primary_failed(exc)
         # A reused connection may have been closed by the primary while
         # idle: one fresh attempt before telling the client.
+        primary.abort()
         try:
-            return self._connected_primary().mail(sender, params)
+            primary.connect()
+            return primary.mail(sender, params)
         except UpstreamError as exc:
             return self._primary_failed(exc)
 
-    def _connected_primary(self) -> Upstream:
-        config = self.relay.config
+    def _primary_session(self) -> Upstream:
+        """This client session's primary session: its own while that is
+        connected to the configured primary, else one from the pool."""
+        relay = self.relay
         primary = self._primary
-        if primary is None or primary.destination != config.relay.destination_primary:
-            if primary is not None:
-                primary.quit()
-            assert config.relay.destination_primary is not None
-            primary = self._primary = Upstream(
-                config.relay.destination_primary,
-                timeout_seconds=config.relay.timeout_seconds,
-                local_hostname=config.smtp.domain,
-                tls_ca_file=config.relay.tls_ca_file,
-            )
-        if not primary.connected:
-            primary.connect()
+        if primary is not None:
+            if primary.reusable and not primary.in_transaction and primary.key() == _primary_key(relay.config):
+                return primary
+            relay.pool.give(primary)  # RSET, dropped or QUIT, as it must
+        primary = self._primary = relay.pool.take(relay.config)
         return primary
 
     def _primary_failed(self, exc: UpstreamError) -> Reply:
@@ -325,10 +478,13 @@ class RelaySession:
             except OSError as exc:
                 self._spool_failed(txn, exc)
                 return
-        # The newest chunk is held back and leaves with the final dot (one
-        # write fewer per message); everything before it streams on.
-        held, txn.held = txn.held, data
-        if held:
+        # Held back to leave in one write with what follows (the final dot,
+        # for a small message: one write for the whole content).
+        held = txn.held
+        held.append(data)
+        txn.held_bytes += len(data)
+        if txn.held_bytes >= HOLD_BYTES or len(held) >= HOLD_PIECES:
+            txn.held, txn.held_bytes = [], 0
             try:
                 assert self._primary is not None
                 self._primary.send(held)
@@ -413,7 +569,10 @@ class RelaySession:
             txn.spool_file = None
 
     def _finish(self, txn: _Transaction, reply: Reply | None, outcome: str) -> None:
-        metrics.TRANSACTIONS.labels(outcome).inc()
+        counter = _TRANSACTION_COUNTERS.get(outcome)
+        (counter or metrics.TRANSACTIONS.labels(outcome)).inc()
+        if not log.isEnabledFor(logging.INFO):
+            return
         log.info(
             "transaction",
             extra={
@@ -434,7 +593,7 @@ class RelaySession:
         with_ = ("ESMTP" if self.esmtp else "SMTP") + ("S" if self.tls else "")
         ip = self.client_ip
         literal = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
-        date = email.utils.formatdate(usegmt=False, localtime=False).replace("-0000", "+0000")
+        date = _received_date()
         return (
             f"Received: from {helo} ({literal})\r\n"
             f"\tby {self.relay.config.smtp.domain} (smtpdup) with {with_} id {queue_id};\r\n"

@@ -8,6 +8,9 @@ module constants named for their meaning (after slimta's ``smtp/reply.py``).
 It imports only the standard library and does no I/O. A destination's reply
 passes through it unchanged in code and text: `from_smtplib` splits off the
 enhanced status code so that `to_bytes` can put it back on every line.
+
+`take_reply` reads a destination's replies off a receive buffer (sans-IO:
+the caller does the reads), as smtplib's ``getreply`` would, for less.
 """
 
 from __future__ import annotations
@@ -18,6 +21,17 @@ from dataclasses import dataclass
 # RFC 3463: class.subject.detail, class 2, 4 or 5, subject and detail up to
 # three digits. Followed by a space or by the end of the line.
 _ENHANCED_CODE = re.compile(r"([245]\.\d{1,3}\.\d{1,3})(?: +|$)")
+
+
+# Bounds on what a destination can make us buffer for one reply: a line as
+# smtplib's _MAXLINE, a whole (multi-line) reply.
+MAX_REPLY_LINE_BYTES = 8192
+MAX_REPLY_BYTES = 65536
+
+
+class ReplyError(ValueError):
+    """What the destination sent is not an SMTP reply (no 3-digit code, a
+    line or a reply beyond the bounds): the session cannot go on."""
 
 
 def _lines(text: str) -> list[str]:
@@ -101,10 +115,71 @@ class Reply:
             stripped.append(line[m.end():] if m is not None and m.group(1) == enhanced else line)
         return cls(code, enhanced, "\n".join(stripped))
 
+    @classmethod
+    def _from_line(cls, code: int, text: bytes) -> Reply:
+        """A one-line reply's text (code and separator off, stripped)."""
+        message = text.decode("utf-8", "replace")
+        if "\r" in message:
+            return cls.from_smtplib(code, message)
+        # "2.1.0 Ok": a digit, a dot, then the rest of RFC 3463's shape.
+        if len(message) >= 5 and message[1] == "." and message[0] in "245":
+            match = _ENHANCED_CODE.match(message)
+            if match is not None:
+                return cls(code, match.group(1), message[match.end():])
+        return cls(code, "", message)
+
     def __str__(self) -> str:
         """One line for logs: ``451 4.4.1 text``, line breaks shown as " / "."""
         text = " / ".join(_lines(self.text))
         return " ".join(w for w in (str(self.code), self.enhanced, text) if w)
+
+
+def take_reply(buffer: bytearray) -> Reply | None:
+    """Take one complete reply off the front of ``buffer``; None (and the
+    buffer untouched) while it is incomplete. Raises ReplyError.
+
+    As smtplib's ``getreply``: lines end with LF (a CR before it and
+    spaces or tabs around the text are stripped), a line whose fourth byte
+    is "-" is followed by more, the code is the last line's, and the text
+    is the lines' text joined by "\\n".
+    """
+    end = buffer.find(b"\n")
+    if end < 0:
+        if len(buffer) > MAX_REPLY_LINE_BYTES:
+            raise ReplyError("reply line too long")
+        return None
+    if buffer[3:4] != b"-":  # one line: the common case
+        if end > MAX_REPLY_LINE_BYTES:
+            raise ReplyError("reply line too long")
+        code = _code(buffer, 0)
+        text = bytes(buffer[4:end]).strip(b" \t\r\n")
+        del buffer[: end + 1]
+        return Reply._from_line(code, text)
+    texts = []
+    start = 0
+    while True:
+        if end - start > MAX_REPLY_LINE_BYTES or end > MAX_REPLY_BYTES:
+            raise ReplyError("reply too long")
+        texts.append(bytes(buffer[start + 4 : end]).strip(b" \t\r\n"))
+        last = buffer[start + 3 : start + 4] != b"-"
+        code_at, start = start, end + 1
+        if last:
+            break
+        end = buffer.find(b"\n", start)
+        if end < 0:
+            if len(buffer) - start > MAX_REPLY_LINE_BYTES or len(buffer) > MAX_REPLY_BYTES:
+                raise ReplyError("reply too long")
+            return None
+    code = _code(buffer, code_at)
+    del buffer[:start]
+    return Reply.from_smtplib(code, b"\n".join(texts))
+
+
+def _code(buffer: bytearray, at: int) -> int:
+    digits = buffer[at : at + 3]
+    if len(digits) != 3 or not digits.isdigit() or not b"200" <= digits < b"600":
+        raise ReplyError(f"not an SMTP reply: {bytes(buffer[at : at + 40])!r}")
+    return int(digits)
 
 
 # --- Canned replies ---------------------------------------------------------

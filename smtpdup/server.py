@@ -220,7 +220,7 @@ class RelayService:
         check_ca_file(new)
         self.server.reconfigure(new)
         old, self.config = self.config, new
-        self.relay.config = new
+        self.relay.reconfigure(new)
         self.scheduler.config = new
         metrics.declare_destinations(b.name for b in new.relay.destination_backups)
         if new.smtp.listen != old.smtp.listen or new.relay.spool_dir != old.relay.spool_dir:
@@ -233,6 +233,7 @@ class RelayService:
         grace = self.config.smtp.shutdown_grace_seconds if grace_seconds is None else grace_seconds
         log.info("draining", extra={"sessions": len(self.server.sessions), "grace_seconds": grace})
         self.server.drain(grace)
+        self.relay.pool.close()
         # Deliveries in flight get a moment to finish (else they are simply
         # tried again after the restart: at-least-once).
         self.scheduler.stop(timeout=min(grace, BACKUP_STOP_SECONDS))

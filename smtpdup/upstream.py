@@ -10,6 +10,10 @@ decides policy: the relay and the delivery scheduler do.
 Content handed to :meth:`Upstream.send` is already in wire form (CRLF line
 ends, dot-stuffed), so it is written to the socket as it is: no per-line
 work and no copy.
+
+smtplib opens the session (greeting, EHLO, STARTTLS, AUTH); from then on the
+replies are read off our own receive buffer (``reply.take_reply``): one
+recv() and a slice or two per reply instead of smtplib's file object.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .config import Destination
-from .reply import Reply
+from .reply import Reply, ReplyError, take_reply
 
-# RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets; smtplib reads
-# up to its own _MAXLINE (8192) per line, which bounds what a broken peer
-# can make us buffer.
+# RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets; reply.take_reply
+# bounds a line at 8 KiB and a reply at 64 KiB, as far as a broken peer can
+# make us buffer. Bytes asked of the socket per read:
+RECV_BYTES = 16384
 
 
 class UpstreamError(Exception):
@@ -49,6 +54,25 @@ def send_all(sock: socket.socket, data: bytes) -> None:
     sent = sock.send(data)
     if sent < len(data):
         sock.sendall(memoryview(data)[sent:])
+
+
+def send_parts(sock: socket.socket, parts: list[bytes], tls: bool = False) -> None:
+    """Send ``parts`` in order, in one write where the socket allows
+    (sendmsg; a TLS socket gets them joined). Raises OSError."""
+    if len(parts) == 1:
+        send_all(sock, parts[0])
+        return
+    if tls:
+        send_all(sock, b"".join(parts))
+        return
+    sent = sock.sendmsg(parts)
+    if sent < sum(map(len, parts)):
+        for part in parts:
+            if sent >= len(part):
+                sent -= len(part)
+                continue
+            sock.sendall(memoryview(part)[sent:])
+            sent = 0
 
 
 def _unavailable(destination: Destination, what: str) -> UpstreamError:
@@ -141,12 +165,33 @@ class Upstream:
         self.authenticated = False
         self._plain_because = ""  # why a session is in plain text, for an error
         self._smtp: smtplib.SMTP | None = None
+        # Where the session stands, so that it can be handed to another
+        # user (relay.PrimaryPool): ``busy`` while a command waits for its
+        # reply (a greenlet killed there leaves it set), ``in_transaction``
+        # from a 2xx to MAIL to the final dot or RSET, ``in_data`` from a
+        # 354 to the final dot.
+        self.busy = False
+        self.in_transaction = False
+        self.in_data = False
+        self._sock: socket.socket | None = None  # smtplib's, once the session is open
+        self._received = bytearray()  # what the destination sent, not yet taken
 
     # -- connection -----------------------------------------------------
 
     @property
     def connected(self) -> bool:
         return self._smtp is not None
+
+    @property
+    def reusable(self) -> bool:
+        """Connected, and no reply or content is owed either way: another
+        transaction may start here (after an RSET if ``in_transaction``)."""
+        return self._smtp is not None and not self.busy and not self.in_data
+
+    def key(self) -> tuple:
+        """What makes two sessions interchangeable: same destination, seen
+        with the same settings."""
+        return (self.destination, self.timeout_seconds, self.local_hostname, self.tls_ca_file)
 
     @property
     def extensions(self) -> list[str]:
@@ -174,6 +219,7 @@ class Upstream:
 
     def _open(self, starttls: str, plain_because: str = "") -> None:
         dest = self.destination
+        self.busy = self.in_transaction = self.in_data = False
         self._plain_because = plain_because or (
             "starttls=off" if dest.starttls == "off" else "the destination does not offer STARTTLS")
         self.greeting, self.tls, self.authenticated = None, None, False
@@ -207,6 +253,7 @@ class Upstream:
                 self._starttls(smtp, starttls)
             if dest.username:
                 self._login()
+            self._take_over(smtp)
         except _HandshakeFailed:
             self.abort()
             raise
@@ -216,6 +263,38 @@ class Upstream:
         except (OSError, smtplib.SMTPException, ValueError) as exc:
             self.abort()
             raise _unavailable(dest, _describe(exc)) from None
+
+    def _take_over(self, smtp: smtplib.SMTP) -> None:
+        """From here on, replies are read off our own buffer; anything
+        smtplib's file object had already read goes there first."""
+        self._sock = smtp.sock
+        self._received.clear()
+        reader = smtp.file
+        if reader is not None:
+            timeout = smtp.sock.gettimeout()
+            smtp.sock.settimeout(0.0)  # take what is buffered, wait for nothing
+            try:
+                self._received += reader.read1(RECV_BYTES) or b""
+            except (OSError, ValueError):
+                pass
+            finally:
+                smtp.sock.settimeout(timeout)
+            smtp.file = None
+            reader.close()
+
+    def _read_reply(self) -> Reply:
+        """The destination's next reply. Raises OSError, SMTPException or
+        ReplyError."""
+        received = self._received
+        reply = take_reply(received) if received else None
+        while reply is None:
+            assert self._sock is not None
+            data = self._sock.recv(RECV_BYTES)
+            if not data:
+                raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+            received += data
+            reply = take_reply(received)
+        return reply
 
     def _starttls(self, smtp: smtplib.SMTP, starttls: str) -> None:
         dest = self.destination
@@ -298,53 +377,63 @@ class Upstream:
         """Drop the connection without another word: used to make sure a
         message is *not* delivered (the final dot is never sent)."""
         smtp, self._smtp = self._smtp, None
+        self._sock = None
         if smtp is not None:
             smtp.close()
 
     def quit(self) -> None:
         """End the session politely; errors are irrelevant by now."""
-        smtp, self._smtp = self._smtp, None
+        smtp = self._smtp
         if smtp is None:
             return
         try:
-            smtp.sock.sendall(b"QUIT\r\n")
-            smtp.getreply()
-        except (OSError, smtplib.SMTPException):
+            if self._sock is not None and not self.busy:
+                send_all(self._sock, b"QUIT\r\n")
+                self._read_reply()
+        except (OSError, smtplib.SMTPException, ReplyError):
             pass
         finally:
-            smtp.close()
+            self.abort()
 
     # -- commands -------------------------------------------------------
 
-    def command(self, line: bytes) -> Reply:
-        """Send one command line (without CRLF) and read its reply."""
-        smtp = self._smtp
-        if smtp is None:
+    def command(self, line: bytes | list[bytes]) -> Reply:
+        """Send one command line (without CRLF; or the pieces of one) and
+        read its reply."""
+        sock = self._sock
+        if sock is None:
             raise _unavailable(self.destination, "not connected")
+        self.busy = True
         try:
-            send_all(smtp.sock, line + b"\r\n")
-            code, message = smtp.getreply()
-        except (OSError, smtplib.SMTPException) as exc:
+            if isinstance(line, bytes):
+                send_all(sock, line + b"\r\n")
+            else:
+                send_parts(sock, [*line, b"\r\n"], self.tls is not None)
+            reply = self._read_reply()
+        except (OSError, smtplib.SMTPException, ReplyError) as exc:
             self.abort()
             raise _unavailable(self.destination, _describe(exc)) from None
-        if code == 421:
+        self.busy = False
+        if reply.code == 421:
             # The destination is closing the session: it cannot be reused.
             self.abort()
-        return Reply.from_smtplib(code, message)
+        return reply
 
     def commands(self, lines: list[bytes]) -> list[Reply]:
         """Send several command lines in one write and read a reply for
         each, in order (RFC 2920 PIPELINING; only for destinations that
         advertise it)."""
-        smtp = self._smtp
-        if smtp is None:
+        sock = self._sock
+        if sock is None:
             raise _unavailable(self.destination, "not connected")
+        self.busy = True
         try:
-            send_all(smtp.sock, b"".join(line + b"\r\n" for line in lines))
-            replies = [Reply.from_smtplib(*smtp.getreply()) for _ in lines]
-        except (OSError, smtplib.SMTPException) as exc:
+            send_all(sock, b"".join(line + b"\r\n" for line in lines))
+            replies = [self._read_reply() for _ in lines]
+        except (OSError, smtplib.SMTPException, ReplyError) as exc:
             self.abort()
             raise _unavailable(self.destination, _describe(exc)) from None
+        self.busy = False
         if any(reply.code == 421 for reply in replies):
             self.abort()
         return replies
@@ -370,7 +459,11 @@ class Upstream:
     def mail(self, sender: str, params: Mapping[str, str | None]) -> Reply:
         """MAIL FROM (see _mail_line); nothing is sent for a 553 5.6.7."""
         line = self._mail_line(sender, params)
-        return line if isinstance(line, Reply) else self.command(line)
+        if isinstance(line, Reply):
+            return line
+        reply = self.command(line)
+        self.in_transaction = reply.code // 100 == 2
+        return reply
 
     def rcpt(self, recipient: str) -> Reply:
         return self.command(_rcpt_line(recipient))
@@ -398,12 +491,14 @@ class Upstream:
             return mail, rcpts, self.data()
         replies = self.commands([line, *map(_rcpt_line, recipients), b"DATA"])
         mail, rcpts, data = replies[0], replies[1:-1], replies[-1]
+        self.in_transaction = mail.code // 100 == 2
+        self.in_data = data.code == 354
         if mail.code // 100 != 2:
             rcpts = []
         if data.code == 354 and not any(r.code // 100 == 2 for r in rcpts):
             # A server that took DATA without a recipient gets an empty
             # message ended at once (RFC 2920 §3.1), which it must refuse.
-            self.command(b".")
+            self.end_data(True)
             data = None
         elif data.code != 354 and not any(r.code // 100 == 2 for r in rcpts):
             data = None
@@ -411,30 +506,42 @@ class Upstream:
 
     def data(self) -> Reply:
         """DATA; a 354 means content may follow."""
-        return self.command(b"DATA")
+        reply = self.command(b"DATA")
+        self.in_data = reply.code == 354
+        return reply
 
-    def send(self, content: bytes) -> None:
-        """Stream wire-form content after a 354. Raises UpstreamError."""
-        smtp = self._smtp
-        if smtp is None:
+    def send(self, content: bytes | list[bytes]) -> None:
+        """Stream wire-form content (or its pieces, in one write) after a
+        354. Raises UpstreamError."""
+        sock = self._sock
+        if sock is None:
             raise _unavailable(self.destination, "not connected")
         try:
-            send_all(smtp.sock, content)
+            if isinstance(content, bytes):
+                send_all(sock, content)
+            else:
+                send_parts(sock, content, self.tls is not None)
         except OSError as exc:
             self.abort()
             raise _unavailable(self.destination, _describe(exc)) from None
 
-    def end_data(self, ends_with_crlf: bool, last: bytes = b"") -> Reply:
-        """Send ``last`` (the end of the content, if any) and the final dot
-        in one write; return the destination's verdict.
+    def end_data(self, ends_with_crlf: bool, last: bytes | list[bytes] = b"") -> Reply:
+        """Send ``last`` (the end of the content, if any, or its pieces)
+        and the final dot in one write; return the destination's verdict.
 
         ``ends_with_crlf`` says whether the content ends a line; if not, a
         CRLF is added first so the dot stands alone.
         """
-        return self.command(last + (b"." if ends_with_crlf else b"\r\n."))
+        dot = b"." if ends_with_crlf else b"\r\n."
+        reply = self.command(last + dot if isinstance(last, bytes) else [*last, dot])
+        self.in_transaction = self.in_data = False
+        return reply
 
     def rset(self) -> Reply:
-        return self.command(b"RSET")
+        reply = self.command(b"RSET")
+        if reply.code // 100 == 2:
+            self.in_transaction = False
+        return reply
 
 
 @dataclass(frozen=True)
