@@ -4,8 +4,8 @@
 
 What it does, all on 127.0.0.1:
 
-* a primary and two backups, aiosmtpd servers in one asyncio thread of this
-  process, each counting what it stores per Message-ID; backup 2 flaps
+* a primary and two backups, aiosmtpd servers each in its own process,
+  each counting what it stores per Message-ID; backup 2 flaps
   every ``--flap`` seconds between up (a third of the time), down
   (connections refused), 421 at MAIL, 451 at MAIL and hanging at MAIL past
   the relay's timeout (a sixth each);
@@ -90,47 +90,91 @@ class Peer:
 
 
 class Peers:
-    """The three peers in one asyncio loop, in a thread."""
+    """The three peers, each in its own process (``--serve-peer``), so that
+    neither they nor the client threads of this process slow each other
+    down: each takes commands (``mode X``, ``dump``) on its stdin."""
 
     def __init__(self) -> None:
         self.primary, self.backup1, self.backup2 = Peer("primary"), Peer("backup1"), Peer("backup2")
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
+        self._procs: dict[str, subprocess.Popen] = {}
         for peer in self.all:
-            self._call(self._open(peer))
+            proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--serve-peer", peer.name],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+            )
+            self._procs[peer.name] = proc
+            peer.port = int(self._ask(peer, None).split()[1])
 
     @property
     def all(self) -> tuple[Peer, Peer, Peer]:
         return self.primary, self.backup1, self.backup2
 
-    def _call(self, coroutine, timeout: float = 10.0):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+    def _ask(self, peer: Peer, command: str | None) -> str:
+        proc = self._procs[peer.name]
+        assert proc.stdin is not None and proc.stdout is not None
+        if command is not None:
+            proc.stdin.write(command + "\n")
+            proc.stdin.flush()
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"peer {peer.name} exited ({proc.poll()})")
+        return line.strip()
 
-    async def _open(self, peer: Peer) -> None:
-        peer.server = await self.loop.create_server(
+    def set_mode(self, peer: Peer, mode: str) -> None:
+        self._ask(peer, f"mode {mode}")
+
+    def collect(self) -> None:
+        """Each peer's counts per Message-ID, into ``peer.received``."""
+        for peer in self.all:
+            peer.received = collections.Counter(json.loads(self._ask(peer, "dump")))
+
+    def stop(self) -> None:
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+
+def serve_peer(name: str) -> int:
+    """``--serve-peer NAME``: one peer on a free port (printed as ``PORT n``),
+    commands on stdin, one answer line each."""
+    peer = Peer(name)
+    loop = asyncio.new_event_loop()
+
+    async def open_server() -> None:
+        peer.server = await loop.create_server(
             lambda: SMTP(peer, decode_data=False, hostname=peer.name),
             host="127.0.0.1", port=peer.port, reuse_address=True,
         )
         peer.port = peer.server.sockets[0].getsockname()[1]
 
-    async def _close(self, peer: Peer) -> None:
-        if peer.server is not None:
-            peer.server.close()
-            peer.server = None
+    async def command(line: str) -> str:
+        word, _, arg = line.partition(" ")
+        if word == "mode":
+            if arg == "down":
+                if peer.server is not None:
+                    peer.server.close()
+                    peer.server = None
+            elif peer.server is None:
+                await open_server()
+            peer.mode = "up" if arg == "down" else arg
+            return "ok"
+        if word == "dump":
+            return json.dumps(peer.received)
+        return f"error unknown command {line!r}"
 
-    def set_mode(self, peer: Peer, mode: str) -> None:
-        if mode == "down":
-            self._call(self._close(peer))
-        elif peer.server is None:
-            self._call(self._open(peer))
-        peer.mode = "up" if mode == "down" else mode
+    loop.run_until_complete(open_server())
+    print(f"PORT {peer.port}", flush=True)
 
-    def stop(self) -> None:
-        for peer in self.all:
-            self._call(self._close(peer))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+    def read_commands() -> None:
+        for line in sys.stdin:
+            answer = asyncio.run_coroutine_threadsafe(command(line.strip()), loop).result(30)
+            print(answer, flush=True)
+        loop.call_soon_threadsafe(loop.stop)
+
+    threading.Thread(target=read_commands, daemon=True).start()
+    loop.run_forever()
+    return 0
 
 
 # -- the load ----------------------------------------------------------------
@@ -297,6 +341,7 @@ def run(cycles: int, clients: int, min_up: float, max_up: float, flap: float,
             time.sleep(0.1)
         status = relay.kill(signal.SIGTERM)
         accepted = set(load.accepted)
+        peers.collect()
         figures = {
             "cycles": cycles,
             "workers": workers,
@@ -350,7 +395,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable schedule")
     parser.add_argument("--dir", default=None, help="working directory (default: a temporary one, removed)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    parser.add_argument("--serve-peer", metavar="NAME", help=argparse.SUPPRESS)  # internal: one peer
     args = parser.parse_args()
+    if args.serve_peer:
+        return serve_peer(args.serve_peer)
     with tempfile.TemporaryDirectory(prefix="smtpdup-chaos-") as tmp:
         directory = Path(args.dir or tmp)
         directory.mkdir(parents=True, exist_ok=True)
