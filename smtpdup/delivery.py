@@ -828,6 +828,10 @@ class Scheduler:
             + sum(len(q) for q in self._ready.values())
         )
 
+    def held_count(self) -> int:
+        """Messages held in memory: those with a copy queued or in flight."""
+        return len(self._live)
+
 
 class _Blocks:
     """Content blocks to send, closable like a file."""
