@@ -612,18 +612,18 @@ class Scheduler:
                 if envelope.body:
                     params["BODY"] = envelope.body
                 mail, rcpts, data = upstream.open_transaction(envelope.sender, params, copy.recipients)
-                if mail.code // 100 != 2:
+                if not mail.is_completed:
                     attempt.reply = mail
-                    attempt.site_failure = mail.code // 100 == 4
+                    attempt.site_failure = mail.is_transient
                     _classify(attempt, copy.recipients, mail)
                     _rset(upstream)
                     return attempt
                 self._destination_up(copy.destination)
                 accepted = []
                 for recipient, reply in zip(copy.recipients, rcpts):
-                    if reply.code // 100 == 2:
+                    if reply.is_completed:
                         accepted.append(recipient)
-                    elif reply.code // 100 == 5:
+                    elif reply.is_permanent:
                         attempt.refused.append((recipient, reply))
                     else:
                         attempt.deferred.append(recipient)
@@ -871,8 +871,7 @@ def _stream(f: BinaryIO, length: int) -> Iterator[bytes]:
 
 
 def _classify(attempt: _Attempt, recipients: Iterable[str], reply: Reply) -> None:
-    kind = reply.code // 100
-    target = attempt.delivered if kind == 2 else attempt.dead if kind == 5 else attempt.deferred
+    target = attempt.delivered if reply.is_completed else attempt.dead if reply.is_permanent else attempt.deferred
     target.extend(recipients)
 
 
