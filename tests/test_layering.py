@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "smtpdup"
 FORBIDDEN = {
     "reply": {"gevent", "socket", "smtplib", "ssl", "logging"},
     "protocol": {"gevent", "socket", "smtplib", "ssl", "logging", "time"},
+    "policy": {"gevent", "socket", "smtplib", "ssl", "logging", "time"},
     "spool": {"gevent", "socket", "smtplib", "ssl"},
     "config": {"gevent", "socket", "smtplib", "ssl"},
     "report": {"gevent", "socket", "smtplib", "ssl"},
@@ -20,6 +21,7 @@ FORBIDDEN = {
 ALLOWED_LOCAL = {
     "reply": set(),
     "protocol": {"reply"},
+    "policy": {"reply"},
     "spool": set(),
     "config": set(),
     "report": {"spool"},
