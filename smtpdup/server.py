@@ -99,7 +99,7 @@ class SmtpServer:
         if not smtp.allows(client_ip):
             refusal, outcome = ACCESS_DENIED, "denied_network"
         elif self.draining:
-            refusal, outcome = SHUTTING_DOWN, "over_limit"
+            refusal, outcome = SHUTTING_DOWN, "draining"
         elif len(self.sessions) >= smtp.max_connections:
             refusal, outcome = TOO_MANY_CONNECTIONS, "over_limit"
         if refusal is not None:

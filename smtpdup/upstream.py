@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from .config import Destination
 from .reply import Reply, ReplyError, take_reply
 
-# RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets; reply.take_reply
-# bounds a line at 8 KiB and a reply at 64 KiB, as far as a broken peer can
-# make us buffer. Bytes asked of the socket per read:
+# Bytes asked of the socket per read. What a broken peer can make us buffer
+# is bounded by reply.take_reply: a line at 8 KiB, a reply at 64 KiB (RFC
+# 5321 §4.5.3.1.5 allows a line 512 octets).
 RECV_BYTES = 16384
 
 
