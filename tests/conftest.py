@@ -239,7 +239,7 @@ def relay_environ(tmp_path: Path, primary: str, backups: list[str] = (), **keys)
 def relay(tmp_path):
     """Factory: ``relay(primary, [backups], **keys)`` runs a relay in this
     process (greenlets) and returns its RelayService; stopped at teardown."""
-    from smtpdup.server import RelayService
+    from smtpdup.service import RelayService
 
     services = []
 

@@ -57,7 +57,14 @@ def test_pure_modules_import_no_io(module):
 
 def test_nothing_imports_the_wiring():
     for path in PACKAGE.glob("*.py"):
-        if path.stem in {"cli", "__main__", "server", "workers"}:
+        if path.stem in {"cli", "__main__", "service", "workers"}:
             continue
         _, local = imports(path.stem)
-        assert not local & {"cli", "server", "workers"}, path.name
+        assert not local & {"cli", "service", "workers"}, path.name
+
+
+def test_the_listener_knows_sessions_not_the_relay():
+    """server.py serves any session factory (the relay's, the sink's):
+    starting a sink pulls in no relay, scheduler or spool."""
+    _, local = imports("server")
+    assert not local & {"relay", "delivery", "spool", "service", "upstream"}, local

@@ -333,7 +333,7 @@ def private_postfix(upstreams):
     if not POSTFIX.exists() or os.geteuid() != 0:
         pytest.skip("needs Postfix (apt-get install postfix) and root to run a private instance")
     from smtpdup import config as config_module
-    from smtpdup.server import RelayService
+    from smtpdup.service import RelayService
 
     base = Path(tempfile.mkdtemp(prefix="smtpdup-postfix-"))
     base.chmod(0o755)  # the postfix user must reach queue/ and data/
