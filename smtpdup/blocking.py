@@ -2,8 +2,15 @@
 
 Not only fsync blocks: while the filesystem journal commits somebody's
 fsync, even an ``open(O_CREAT)``, a rename or an unlink can take
-milliseconds, and on the event loop that would stall every session. So
-every spool operation on the message path runs in gevent's threadpool.
+milliseconds, and on the event loop that would stall every session. So the
+spool operations that wait on the disk or its journal run in gevent's
+threadpool: opening new files (blanks prepared ahead), fsync, the renames
+of a commit, state saves, journal lines, dead letters, loading and scanning.
+Some stay on the event loop, as cheap as a memory copy or rare: content
+written to a file already open (the page cache; its fsync is in the
+threadpool), taking a prepared blank, the one stat that looks for a
+``queue flush``, reading a fresh message back for its copies (the page
+cache), and closing and unlinking a transaction's file when it fails.
 
 A trip to the threadpool costs a thread wake-up and a hub wake-up (tens of
 microseconds on a virtual machine, where every cross-CPU wake-up is an

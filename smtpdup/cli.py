@@ -202,7 +202,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 from .workers import run_workers
 
                 return run_workers(config, metrics_dir, lambda: config_module.load(path))
-            from .server import run_relay
+            from .service import run_relay
 
             return run_relay(config)
         except OSError as exc:
@@ -627,7 +627,7 @@ def _wait_for_signal() -> None:
 
 
 def _demo(directory: str, listen: HostPort) -> int:
-    from .server import run_relay
+    from .service import run_relay
 
     where = os.path.abspath(directory)
     primary = _serve_sink(HostPort("127.0.0.1", 0), os.path.join(where, "primary"), "primary.demo")

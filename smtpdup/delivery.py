@@ -61,9 +61,9 @@ import gevent
 from gevent.event import Event
 from gevent.pool import Pool
 
-from . import logs, metrics
+from . import logs, metrics, policy
 from .blocking import Batch, blocking
-from .config import Config, Destination
+from .config import Config, Destination, RelayConfig
 from .reply import Reply
 from .spool import MEMORY_CONTENT_BYTES, Copy, Message, Spool
 from .upstream import Upstream, UpstreamError
@@ -510,7 +510,8 @@ class Scheduler:
                 try:
                     upstream.connect()
                 except UpstreamError as exc:
-                    attempt = _Attempt(deferred=list(copy.recipients), reply=exc.reply, site_failure=True)
+                    attempt = _Attempt(deferred=list(copy.recipients), reply=exc.reply,
+                                       site_failure=policy.is_site_failure(None))
                     self._finish(message, copy, attempt, time.monotonic() - started)
                     self._back_off(dest_name, exc.reply)
                     return None
@@ -530,10 +531,9 @@ class Scheduler:
         """A site failure: the destination waits out a back-off; the copies
         queued for it go back to the index as they are (no attempt, no
         save), to be promoted again when it answers."""
-        relay_config = self.config.relay
         down = self._down.get(dest_name)
         failures = 1 if down is None else down.failures + 1
-        delay = min(relay_config.retry_initial_seconds * 2 ** (failures - 1), relay_config.retry_max_interval_seconds)
+        delay = policy.retry_delay(failures, _retry(self.config.relay))
         now = time.time()
         self._down[dest_name] = _Down(until=now + delay, failures=failures, reply=reply)
         ready = self._ready[dest_name]
@@ -612,18 +612,19 @@ class Scheduler:
                 if envelope.body:
                     params["BODY"] = envelope.body
                 mail, rcpts, data = upstream.open_transaction(envelope.sender, params, copy.recipients)
-                if mail.code // 100 != 2:
+                if not mail.is_completed:
                     attempt.reply = mail
-                    attempt.site_failure = mail.code // 100 == 4
+                    attempt.site_failure = policy.is_site_failure(mail)
                     _classify(attempt, copy.recipients, mail)
                     _rset(upstream)
                     return attempt
                 self._destination_up(copy.destination)
                 accepted = []
                 for recipient, reply in zip(copy.recipients, rcpts):
-                    if reply.code // 100 == 2:
+                    fate = policy.recipient_fate(reply)
+                    if fate == policy.DELIVERED:
                         accepted.append(recipient)
-                    elif reply.code // 100 == 5:
+                    elif fate == policy.DEAD:
                         attempt.refused.append((recipient, reply))
                     else:
                         attempt.deferred.append(recipient)
@@ -655,7 +656,7 @@ class Scheduler:
                 done |= {r for r, _ in attempt.refused}
                 attempt.deferred.extend(r for r in copy.recipients if r not in done)
                 attempt.reply = exc.reply
-                attempt.site_failure = True
+                attempt.site_failure = policy.is_site_failure(None)
             except OSError as exc:
                 # A broken spool file: never send a final dot for it.
                 upstream.abort()
@@ -666,8 +667,8 @@ class Scheduler:
 
     def _finish(self, message: Message, copy: Copy, attempt: _Attempt, seconds: float) -> None:
         """Apply an attempt's outcome to the copy, then journal and save it
-        (in the threadpool, serialised per message)."""
-        relay_config = self.config.relay
+        (in the threadpool, serialised per message). What the outcome is,
+        policy.outcome decides."""
         envelope = message.envelope
         now = time.time()
         dest = copy.destination
@@ -682,32 +683,22 @@ class Scheduler:
                 "recipient": recipient, "reply": str(reply),
             })
             metrics.BACKUP_REFUSED_RECIPIENTS.labels(dest).inc()
-        dead = [r for r, _ in attempt.refused] + attempt.dead
-        reasons = [str(reply) for _, reply in attempt.refused]
-        if attempt.dead:
-            reasons.append(reply_text)
-        deferred = attempt.deferred
-        if deferred and now - envelope.received_at >= relay_config.retry_max_age_seconds:
-            dead += deferred
-            reasons.append(f"expired after {copy.attempts} attempts: {reply_text}")
-            deferred = []
+        verdict = policy.outcome(
+            refused=[(recipient, str(reply)) for recipient, reply in attempt.refused], dead=attempt.dead,
+            deferred=attempt.deferred, reply=reply_text, attempts=copy.attempts, now=now,
+            received_at=envelope.received_at, retry=_retry(self.config.relay),
+        )
+        dead, deferred, reason, outcome = verdict.dead, verdict.deferred, verdict.reason, verdict.name
         if dead:
             metrics.BACKUP_DELIVERIES.labels(dest, "dead").inc()
             self._next_dead_count = 0.0  # recount at the next poll
         copy.recipients = list(deferred)
-        outcome = "delivered" if not dead else "dead"
-        if deferred:
-            outcome = "deferred"
-            delay = min(
-                relay_config.retry_initial_seconds * 2 ** (copy.attempts - 1),
-                relay_config.retry_max_interval_seconds,
-            )
-            copy.next_attempt = min(now + delay, envelope.received_at + relay_config.retry_max_age_seconds)
+        if verdict.next_attempt is not None:
+            copy.next_attempt = verdict.next_attempt
             heapq.heappush(self._delayed[dest], (copy.next_attempt, _key(message, copy)))
             metrics.BACKUP_DELIVERIES.labels(dest, "deferred").inc()
         else:
             copy.settled = True
-        reason = "; ".join(dict.fromkeys(reasons))
         try:
             # Batched: outcomes recorded one after another in one thread,
             # so the saves of a message never overtake each other; the
@@ -828,6 +819,10 @@ class Scheduler:
             + sum(len(q) for q in self._ready.values())
         )
 
+    def held_count(self) -> int:
+        """Messages held in memory: those with a copy queued or in flight."""
+        return len(self._live)
+
 
 class _Blocks:
     """Content blocks to send, closable like a file."""
@@ -866,9 +861,14 @@ def _stream(f: BinaryIO, length: int) -> Iterator[bytes]:
         f.close()
 
 
+def _retry(relay_config: RelayConfig) -> policy.Retry:
+    return policy.Retry(relay_config.retry_initial_seconds, relay_config.retry_max_interval_seconds,
+                        relay_config.retry_max_age_seconds)
+
+
 def _classify(attempt: _Attempt, recipients: Iterable[str], reply: Reply) -> None:
-    kind = reply.code // 100
-    target = attempt.delivered if kind == 2 else attempt.dead if kind == 5 else attempt.deferred
+    fate = policy.recipient_fate(reply)
+    target = attempt.delivered if fate == policy.DELIVERED else attempt.dead if fate == policy.DEAD else attempt.deferred
     target.extend(recipients)
 
 

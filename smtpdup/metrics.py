@@ -53,7 +53,7 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 # process_* of this process (Linux /proc; elsewhere it yields nothing).
 ProcessCollector(registry=REGISTRY)
 
-CONNECTION_OUTCOMES = ("accepted", "denied_network", "over_limit")
+CONNECTION_OUTCOMES = ("accepted", "denied_network", "over_limit", "draining")
 TRANSACTION_OUTCOMES = ("accepted", "rejected", "deferred", "aborted")
 BACKUP_OUTCOMES = ("delivered", "deferred", "dead")
 SPOOL_STATES = ("pending", "dead")

@@ -7,7 +7,7 @@ by ``$NOTIFY_SOCKET`` (a path, or ``@name`` for the abstract namespace):
 newline-separated ``KEY=value`` assignments (sd_notify(3)).
 
 This module owns that socket and nothing else; the relay decides when to
-say what (server.py, workers.py). Outside systemd (no ``$NOTIFY_SOCKET``)
+say what (service.py, workers.py). Outside systemd (no ``$NOTIFY_SOCKET``)
 every call does nothing. A failure to send is never fatal: the relay runs
 the same whether systemd hears it or not.
 """

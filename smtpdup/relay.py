@@ -60,8 +60,12 @@ POOL_IDLE_SECONDS = 5.0
 HOLD_BYTES = 65536
 HOLD_PIECES = 64
 
-# The transaction outcome (log line and metric) for the reply the client got.
-_OUTCOMES = {2: "accepted", 4: "deferred", 5: "rejected"}
+def _outcome(reply: Reply) -> str:
+    """The transaction outcome (log line and metric) for the reply the client got."""
+    if reply.is_completed:
+        return "accepted"
+    return "deferred" if reply.is_transient else "rejected"
+
 
 # The counter of each outcome, bound once (labels() is a lookup under a lock).
 _TRANSACTION_COUNTERS = {outcome: metrics.TRANSACTIONS.labels(outcome) for outcome in metrics.TRANSACTION_OUTCOMES}
@@ -229,7 +233,7 @@ class PrimaryPool:
                 reply = upstream.rset()
             except UpstreamError:
                 return  # closed by now
-            if reply.code // 100 != 2 or not upstream.reusable:
+            if not reply.is_completed or not upstream.reusable:
                 upstream.abort()
                 return
             if self.closed or len(self._idle) >= POOL_MAX_IDLE:
@@ -371,7 +375,7 @@ class RelaySession:
         if "SIZE" in forward and forward["SIZE"] is not None and forward["SIZE"].isdigit():
             forward["SIZE"] = str(int(forward["SIZE"]) + len(received))
         reply = self._primary_mail(sender, forward)
-        if reply.code // 100 == 2:
+        if reply.is_completed:
             self._txn = _Transaction(queue_id, sender, forward, received, time.monotonic(), [])
         return reply
 
@@ -411,7 +415,7 @@ class RelaySession:
 
     def _primary_failed(self, exc: UpstreamError) -> Reply:
         log.warning("primary_unavailable", extra={"client": self.client_ip, "reply": str(exc.reply)})
-        if exc.reply.code // 100 == 5:
+        if exc.reply.is_permanent:
             return exc.reply
         return PRIMARY_UNAVAILABLE
 
@@ -423,7 +427,7 @@ class RelaySession:
             reply = self._primary.rcpt(recipient)
         except UpstreamError as exc:
             return self._primary_failed(exc)
-        if reply.code // 100 == 2:
+        if reply.is_completed:
             txn.recipients.append(recipient)
         return reply
 
@@ -510,14 +514,14 @@ class RelaySession:
             self._primary.abort()
         if txn is not None:
             self._discard(txn)
-            self._finish(txn, reply, _OUTCOMES.get(reply.code // 100, "rejected"))
+            self._finish(txn, reply, _outcome(reply))
 
     def data_end(self) -> Reply:
         txn, self._txn = self._txn, None
         if txn is None:
             return PRIMARY_UNAVAILABLE
         reply = self._complete(txn)
-        outcome = _OUTCOMES.get(reply.code // 100, "rejected")
+        outcome = _outcome(reply)
         if txn.failure is not None:
             outcome = "aborted"
         self._finish(txn, reply, outcome)
@@ -547,7 +551,7 @@ class RelaySession:
             return self._primary_failed(exc)
         finally:
             metrics.PRIMARY_LATENCY.observe(time.monotonic() - started)
-        if reply.code // 100 != 2 or spool_file is None:
+        if not reply.is_completed or spool_file is None:
             self._discard(txn)
             return reply
         _crash_point("after_primary_reply")

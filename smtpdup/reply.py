@@ -79,6 +79,11 @@ class Reply:
         return "".join(out).encode("utf-8", "replace")
 
     @property
+    def is_completed(self) -> bool:
+        """2xx: the command was carried out."""
+        return 200 <= self.code < 300
+
+    @property
     def is_positive(self) -> bool:
         """2xx or 3xx: completed, or intermediate (354 to DATA)."""
         return 200 <= self.code < 400

@@ -153,7 +153,7 @@ class Session:
                 backend.data_chunk(data)
             case MailFrom(sender=sender, params=params):
                 reply = backend.mail(sender, params)
-                self.in_transaction = reply.code // 100 == 2
+                self.in_transaction = reply.is_completed
                 return proto.reply(reply) or b""
             case RcptTo(recipient=recipient, params=params):
                 return proto.reply(backend.rcpt(recipient, params)) or b""

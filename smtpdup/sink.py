@@ -20,7 +20,7 @@ import os
 import time
 
 from . import logs
-from .reply import Reply
+from .reply import START_DATA, Reply
 
 log = logs.get("sink")
 
@@ -76,7 +76,7 @@ class SinkSession:
         )
         self._file.write(header.encode("utf-8", "surrogateescape"))
         self._carry = b"\r\n"
-        return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+        return START_DATA
 
     def data_chunk(self, data: bytes) -> None:
         if self._file is None:

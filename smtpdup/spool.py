@@ -7,17 +7,27 @@ runs its blocking calls (``fsync``, directory scans) in a threadpool.
 Layout (directories 0700, files 0600)::
 
     tmp/<qid>                 message being written: JSON header line + content
-    tmp/_<tag>-<n>            blank opened ahead for a message to come (prepare)
+                              (by the relay, or by ``requeue`` from a dead letter)
+    tmp/_<tag>-<n>            blank kept open ahead for a message to come (``prepare``;
+                              a file taken from free/ where there is one)
     tmp/<qid>.state.<tag>-<n> state file being written (tag: pid + random, per process)
-    msg/<qid>                 committed message, immutable
+    tmp/<qid>.<index>.json.<r>  dead-letter record being written
+    tmp/flush.<r>             flush request being written
+    tmp/.probe-<pid>-<r>      start-up check that tmp/ takes files
+    msg/<qid>                 committed message, immutable (msg/ stays open for its fsyncs)
     msg/<qid>.state           mutable per-copy state; absent = every copy fresh
-    free/<name>               settled message file kept for reuse (see _retire)
+    free/<name>               settled message file kept for reuse (see _retire), at
+                              most FREE_FILES_MAX per process
     dead/<qid>.<index>        dead-lettered copy: hard link to the message file
     dead/<qid>.<index>.json   its record (destination, recipients, reason ...)
     journal/<YYYY-MM-DD>.jsonl  outcome log (UTC days) read by ``report``
     corrupt/                  quarantined files that could not be parsed
-    flush                     trigger file written by ``queue flush``
+    flush                     the latest ``queue flush`` request, replaced by each new
+                              one: {"t", "destinations": [...] or null for all}; it
+                              stays, every relay process acts once per new file
     requeue/<qid>             marker: ``queue requeue`` made msg/<qid> (``take_requeued``)
+
+Everything in ``tmp/`` is a leftover at start: ``recover`` removes it.
 
 Why "a copy the sender was told is delivered is never lost" holds:
 

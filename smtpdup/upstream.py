@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from .config import Destination
 from .reply import Reply, ReplyError, take_reply
 
-# RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets; reply.take_reply
-# bounds a line at 8 KiB and a reply at 64 KiB, as far as a broken peer can
-# make us buffer. Bytes asked of the socket per read:
+# Bytes asked of the socket per read. What a broken peer can make us buffer
+# is bounded by reply.take_reply: a line at 8 KiB, a reply at 64 KiB (RFC
+# 5321 §4.5.3.1.5 allows a line 512 octets).
 RECV_BYTES = 16384
 
 
@@ -462,7 +462,7 @@ class Upstream:
         if isinstance(line, Reply):
             return line
         reply = self.command(line)
-        self.in_transaction = reply.code // 100 == 2
+        self.in_transaction = reply.is_completed
         return reply
 
     def rcpt(self, recipient: str) -> Reply:
@@ -483,24 +483,24 @@ class Upstream:
             return line, [], None
         if not self.supports("pipelining"):
             mail = self.command(line)
-            if mail.code // 100 != 2:
+            if not mail.is_completed:
                 return mail, [], None
             rcpts = [self.rcpt(recipient) for recipient in recipients]
-            if not any(r.code // 100 == 2 for r in rcpts):
+            if not any(r.is_completed for r in rcpts):
                 return mail, rcpts, None
             return mail, rcpts, self.data()
         replies = self.commands([line, *map(_rcpt_line, recipients), b"DATA"])
         mail, rcpts, data = replies[0], replies[1:-1], replies[-1]
-        self.in_transaction = mail.code // 100 == 2
+        self.in_transaction = mail.is_completed
         self.in_data = data.code == 354
-        if mail.code // 100 != 2:
+        if not mail.is_completed:
             rcpts = []
-        if data.code == 354 and not any(r.code // 100 == 2 for r in rcpts):
+        if data.code == 354 and not any(r.is_completed for r in rcpts):
             # A server that took DATA without a recipient gets an empty
             # message ended at once (RFC 2920 §3.1), which it must refuse.
             self.end_data(True)
             data = None
-        elif data.code != 354 and not any(r.code // 100 == 2 for r in rcpts):
+        elif data.code != 354 and not any(r.is_completed for r in rcpts):
             data = None
         return mail, rcpts, data
 
@@ -539,7 +539,7 @@ class Upstream:
 
     def rset(self) -> Reply:
         reply = self.command(b"RSET")
-        if reply.code // 100 == 2:
+        if reply.is_completed:
             self.in_transaction = False
         return reply
 

@@ -79,7 +79,7 @@ def _worker(config: Config, listener: socket.socket, index: int, count: int,
     """The body of a worker process; never returns. Writes a byte to the
     pipe ``started`` once it listens and delivers."""
     from . import metrics
-    from .server import RelayService
+    from .service import RelayService
 
     status = 1
     # Only the supervisor speaks to systemd (NotifyAccess=main).
@@ -122,7 +122,7 @@ def run_workers(config: Config, metrics_dir: str, load_config: Callable[[], Conf
     from prometheus_client import multiprocess
 
     from . import metrics
-    from .server import raise_fd_limit
+    from .service import raise_fd_limit
     from .spool import Spool
 
     raise_fd_limit()

@@ -14,10 +14,8 @@ import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import smtplib  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -25,31 +23,49 @@ import pytest  # noqa: E402
 
 from smtpdup import config as config_module  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import (  # noqa: E402,F401  (re-exported: tests import these from conftest)
+    ROOT,
+    RUN_TIMEOUT,
+    START_TIMEOUT,
+    STOP_TIMEOUT,
+    WAIT_TIMEOUT,
+    Smtpdup,
+    clean_environ,
+    free_port,
+    listening,
+    run_smtpdup,
+    wait_until,
+)
+
 PEER = Path(__file__).resolve().parent / "peers" / "upstream.py"
 
-# Upper bounds for every wait in the suite.
-START_TIMEOUT = 15.0
-WAIT_TIMEOUT = 10.0
+
+@pytest.fixture
+def smtpdup(tmp_path):
+    """Factory: ``smtpdup(environ, args=())`` -> a ``harness.Smtpdup`` not yet
+    started, logging under tmp_path; every process it starts is killed (its
+    process group, by PID) at teardown."""
+    made: list[Smtpdup] = []
+
+    def make(environ: dict[str, str], args=(), cwd: Path = ROOT, python: str = sys.executable) -> Smtpdup:
+        process = Smtpdup(args, environ, tmp_path, f"smtpdup-{len(made)}", cwd, python)
+        made.append(process)
+        return process
+
+    yield make
+    for process in made:
+        process.kill_all()
 
 
-def wait_until(condition, timeout: float = WAIT_TIMEOUT, interval: float = 0.02, what: str = "condition"):
-    """Poll ``condition`` until it returns something truthy (returned) or
-    ``timeout`` passes (AssertionError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+@pytest.fixture
+def background(smtpdup, tmp_path):
+    """Factory: ``background(args, **variables)`` starts ``smtpdup ARGS`` in
+    tmp_path with these SMTP_DUP_* variables, not waiting for it."""
 
+    def start(args: list[str], **variables: str) -> Smtpdup:
+        return smtpdup(variables, args, cwd=tmp_path).start()
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return start
 
 
 @dataclass
@@ -223,7 +239,7 @@ def relay_environ(tmp_path: Path, primary: str, backups: list[str] = (), **keys)
 def relay(tmp_path):
     """Factory: ``relay(primary, [backups], **keys)`` runs a relay in this
     process (greenlets) and returns its RelayService; stopped at teardown."""
-    from smtpdup.server import RelayService
+    from smtpdup.service import RelayService
 
     services = []
 

@@ -14,12 +14,13 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from harness import free_port, listening  # noqa: F401  (part of this module's interface)
 
 SMTP_SOURCE = Path("/usr/sbin/smtp-source")
 SMTP_SINK = Path("/usr/sbin/smtp-sink")
@@ -43,22 +44,6 @@ SMTPDUP_QUEUE_ID = re.compile(rb"^\tby \S+ \(smtpdup\) with \S+ id ([0-9a-f]+);$
 def available() -> bool:
     """True when both Postfix test programs are installed."""
     return SMTP_SOURCE.exists() and SMTP_SINK.exists()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def listening(port: int) -> bool:
-    """True if something accepts TCP connections on 127.0.0.1:``port``."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def wait_listening(proc: subprocess.Popen, port: int, timeout: float = START_TIMEOUT_SECONDS) -> None:

@@ -13,7 +13,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, START_TIMEOUT, WAIT_TIMEOUT, free_port, wait_until
-from test_cli import background, clean_environ, relay_variables, run, send  # noqa: F401 (fixture)
+from test_cli import relay_variables, run, send
 
 from smtpdup.spool import Envelope, Spool, SpoolError, Target, new_queue_id
 
@@ -132,7 +131,7 @@ def test_an_admin_spool_is_never_created(tmp_path):
 # The migration loop against a running relay
 
 
-def test_the_migration_loop_refusal_report_requeue_resolved(tmp_path, upstreams, background):  # noqa: F811
+def test_the_migration_loop_refusal_report_requeue_resolved(tmp_path, upstreams, background):
     primary, backup = upstreams("primary"), upstreams("backup")
     backup.set_rules(rcpt={"carol@example.com": UNKNOWN_USER})
     variables = relay_variables(tmp_path, SMTP_DUP_RELAY_DESTINATION_PRIMARY=primary.address,
@@ -174,10 +173,10 @@ def test_the_migration_loop_refusal_report_requeue_resolved(tmp_path, upstreams,
     [entry] = json.loads(result.stdout)["backups"]
     assert entry["ready"] is True and entry["dead"] == 0
     assert [(r["recipient"], r["resolved"]) for r in entry["refused_recipients"]] == [("carol@example.com", True)]
-    assert "Traceback" not in relay.output()
+    assert "Traceback" not in relay.log()
 
 
-def test_requeue_flush_delete_and_show_by_id_and_destination(tmp_path, upstreams, background):  # noqa: F811
+def test_requeue_flush_delete_and_show_by_id_and_destination(tmp_path, upstreams, background):
     primary, refusing = upstreams("primary"), upstreams("refusing")
     slow_a, slow_b = upstreams("slow-a"), upstreams("slow-b")
     refusing.set_rules(rcpt_domains={"example.com": "550 5.1.1 no such user"})
@@ -261,7 +260,7 @@ def test_requeue_flush_delete_and_show_by_id_and_destination(tmp_path, upstreams
     result = queue(variables, "delete", "--dead", cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.strip() == "deleted 0 copies"
     assert slow_b.count() == 0
-    assert "Traceback" not in relay.output()
+    assert "Traceback" not in relay.log()
 
 
 def test_queue_and_report_never_create_a_spool(tmp_path):
@@ -342,14 +341,13 @@ def root_owned(directory: Path) -> list[str]:
     return found
 
 
-def test_root_commands_act_as_the_spool_owner_and_never_disturb_the_relay(service_user, upstreams):
+def test_root_commands_act_as_the_spool_owner_and_never_disturb_the_relay(service_user, upstreams, smtpdup):
     uid, gid, python = service_user
     primary, refusing, slow = upstreams("primary"), upstreams("refusing"), upstreams("slow")
     refusing.set_rules(rcpt={"carol@example.com": UNKNOWN_USER})
     slow.set_rules(mail="451 4.3.0 try later")
     # Under /tmp, not pytest's root-only directory: the service user must reach its state directory.
     work = Path(tempfile.mkdtemp(prefix="smtpdup-admin-"))
-    relay = None
     try:
         work.chmod(0o755)
         state = work / "state"  # like systemd's StateDirectory=: owned by the user, the spool not made yet
@@ -374,24 +372,9 @@ def test_root_commands_act_as_the_spool_owner_and_never_disturb_the_relay(servic
         assert "relay.spool_dir" in error and str(state / "spool") in error
         assert list(state.iterdir()) == []
 
-        log_path = work / "relay.log"
-        with open(log_path, "wb") as log:
-            relay = subprocess.Popen([python, "-m", "smtpdup"], cwd=state, env=clean_environ(**variables),
-                                     stdout=log, stderr=subprocess.STDOUT, user=uid, group=gid, extra_groups=[])
-
-        def log_events(name: str) -> list[dict]:
-            assert relay.poll() is None, log_path.read_text()
-            found = []
-            for line in log_path.read_text(errors="replace").splitlines():
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if event.get("event") == name:
-                    found.append(event)
-            return found
-
-        wait_until(lambda: log_events("started"), START_TIMEOUT, what="the relay to start as the user")
+        relay = smtpdup(variables, cwd=state, python=python)
+        relay.start(user=uid, group=gid, extra_groups=[])
+        relay.wait_for_event("started")
         assert (state / "spool").stat().st_uid == uid
         host, _, port = listen.rpartition(":")
         assert send((host, int(port)), "one", ["bob@example.com", "carol@example.com"]) == {}
@@ -435,17 +418,10 @@ def test_root_commands_act_as_the_spool_owner_and_never_disturb_the_relay(servic
         wait_until(lambda: entries(variables, work) == [], what="the spool to empty")
 
         assert root_owned(state) == []
-        spool_failures = [line for line in log_path.read_text().splitlines()
-                          if '"spool_' in line and '_failed"' in line]
+        spool_failures = [line for line in relay.log().splitlines() if '"spool_' in line and '_failed"' in line]
         assert spool_failures == []
-        assert "Traceback" not in log_path.read_text()
-        assert relay.poll() is None
+        assert "Traceback" not in relay.log()
+        assert relay.proc.poll() is None
+        assert relay.stop(timeout=WAIT_TIMEOUT) == 0
     finally:
-        if relay is not None and relay.poll() is None:
-            os.kill(relay.pid, signal.SIGTERM)
-            try:
-                relay.wait(timeout=WAIT_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.kill(relay.pid, signal.SIGKILL)
-                relay.wait(timeout=START_TIMEOUT)
         shutil.rmtree(work, ignore_errors=True)

@@ -5,7 +5,6 @@ variable, in a temporary directory, and is stopped by its PID when a test
 ends. Upstream servers are conftest's aiosmtpd processes or `smtpdup sink`.
 """
 
-import json
 import os
 import signal
 import smtplib
@@ -17,92 +16,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import START_TIMEOUT, WAIT_TIMEOUT, free_port, wait_until
+from conftest import RUN_TIMEOUT, START_TIMEOUT, WAIT_TIMEOUT, clean_environ, free_port, run_smtpdup, wait_until
 
 PASSWORD = "s3cret"
-# Upper bound for a command that should answer at once (`check`, `--help`).
-RUN_TIMEOUT = 30.0
-
-
-def clean_environ(**variables: str) -> dict[str, str]:
-    """os.environ without any SMTP_DUP_* variable, plus ``variables``."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SMTP_DUP_")}
-    environ.update(variables)
-    return environ
 
 
 def run(args: list[str], cwd: Path, **variables: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "smtpdup", *args], cwd=cwd, env=clean_environ(**variables),
-        capture_output=True, text=True, timeout=RUN_TIMEOUT,
-    )
-
-
-class Background:
-    """`python -m smtpdup ARGS` running; stdout and stderr go to one file."""
-
-    def __init__(self, args: list[str], cwd: Path, environ: dict[str, str]) -> None:
-        self.output_path = cwd / f"smtpdup-{os.urandom(4).hex()}.out"
-        with open(self.output_path, "wb") as output:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "smtpdup", *args], cwd=cwd, env=environ,
-                stdout=output, stderr=subprocess.STDOUT,
-            )
-
-    def output(self) -> str:
-        return self.output_path.read_text(errors="replace")
-
-    def events(self) -> list[dict]:
-        """The JSON log lines so far."""
-        found = []
-        for line in self.output().splitlines():
-            try:
-                found.append(json.loads(line))
-            except ValueError:
-                pass
-        return found
-
-    def wait_for_event(self, name: str, count: int = 1) -> dict:
-        def seen():
-            assert self.proc.poll() is None, f"smtpdup exited:\n{self.output()}"
-            matching = [e for e in self.events() if e.get("event") == name]
-            return matching[count - 1] if len(matching) >= count else None
-
-        return wait_until(seen, START_TIMEOUT, what=f"log event {name} #{count}")
-
-    def wait_for_text(self, text: str) -> None:
-        def seen():
-            assert self.proc.poll() is None, f"smtpdup exited:\n{self.output()}"
-            return text in self.output()
-
-        wait_until(seen, START_TIMEOUT, what=repr(text))
-
-    def signal(self, signum: int) -> None:
-        os.kill(self.proc.pid, signum)
-
-    def wait(self, timeout: float = WAIT_TIMEOUT) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=START_TIMEOUT)
-
-
-@pytest.fixture
-def background(tmp_path):
-    """Factory: ``background(args, **variables)`` starts smtpdup in tmp_path;
-    every process is killed by PID at teardown."""
-    started: list[Background] = []
-
-    def start(args: list[str], **variables: str) -> Background:
-        process = Background(args, tmp_path, clean_environ(**variables))
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.kill()
+    return run_smtpdup(args, variables, cwd)
 
 
 def relay_variables(tmp_path: Path, config_file: Path | None = None, **variables: str) -> dict[str, str]:
@@ -291,8 +211,10 @@ def test_bad_configuration_exits_2_with_one_line(tmp_path, case):
 
 def test_spool_dir_that_is_a_file_exits_2_with_one_line(tmp_path):
     (tmp_path / "spool").write_text("not a directory\n")
-    result = run([], tmp_path, **relay_variables(tmp_path, SMTP_DUP_RELAY_DESTINATION_PRIMARY="127.0.0.1:1"))
+    result = run([], tmp_path, **relay_variables(tmp_path, SMTP_DUP_RELAY_DESTINATION_PRIMARY="127.0.0.1:1",
+                                                  SMTP_DUP_RELAY_DESTINATION_BACKUPS="127.0.0.1:2"))
     assert result.returncode == 2
+    assert result.stdout == ""
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith("smtpdup: spool: ") and str(tmp_path / "spool") in result.stderr
     assert "Traceback" not in result.stderr
@@ -360,7 +282,7 @@ def test_relay_delivers_and_drains_on_sigterm(tmp_path, upstreams, background):
     assert primary.wait_for(2)[1].rcpt_tos == ["carol@example.com"]
     stopped = [e for e in relay.events() if e.get("event") == "stopped"]
     assert len(stopped) == 1
-    assert "Traceback" not in relay.output()
+    assert "Traceback" not in relay.log()
 
 
 def test_sighup_reloads_the_backup_list_and_keeps_the_old_one_when_invalid(tmp_path, upstreams, background):
@@ -400,7 +322,7 @@ def test_sighup_reloads_the_backup_list_and_keeps_the_old_one_when_invalid(tmp_p
 
     relay.signal(signal.SIGTERM)
     assert relay.wait() == 0
-    assert "Traceback" not in relay.output()
+    assert "Traceback" not in relay.log()
 
 
 # --------------------------------------------------------------------------
@@ -437,7 +359,7 @@ def test_sink_stores_envelope_and_content_as_meant(tmp_path, background):
     assert list((maildir / "tmp").iterdir()) == []
     sink.signal(signal.SIGTERM)
     assert sink.wait() == 0
-    assert "Traceback" not in sink.output()
+    assert "Traceback" not in sink.log()
 
 
 def test_sink_undoes_dot_stuffing_however_the_content_is_split(tmp_path):

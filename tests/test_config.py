@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from test_cli import address as cli_address
-from test_cli import background, relay_variables  # noqa: F401 (background: a fixture)
+from test_cli import relay_variables
 from test_cli import run as cli_run
 from test_cli import send as cli_send
 from hypothesis import strategies as st
@@ -343,7 +343,7 @@ def test_relay_process_starts_and_relays_with_service_links(tmp_path: Path, upst
     assert stored.body_without_trace == b"Subject: in a pod\r\n\r\nbody of in a pod\r\n"
     relay.signal(signal.SIGTERM)
     assert relay.wait() == 0
-    assert "unknown environment variable" not in relay.output()
+    assert "unknown environment variable" not in relay.log()
 
     variables["SMTP_DUP_RELAY_TIMEOUT_SECOND"] = "5"
     result = cli_run([], tmp_path, **variables)

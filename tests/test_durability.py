@@ -23,14 +23,13 @@ import signal
 import smtplib
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import gevent
 import pytest
 
-from conftest import ROOT, START_TIMEOUT, free_port, relay_environ, wait_until
+from conftest import relay_environ, run_smtpdup, wait_until
 
 from smtpdup import config as config_module
 from smtpdup.spool import BLANK_PREFIX
@@ -76,16 +75,8 @@ def queue_id_of(stored) -> str:
     return match.group(1).decode()
 
 
-def clean_environ() -> dict[str, str]:
-    """This process's environment less anything that configures smtpdup."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_DUP_", "SMTPDUP_"))}
-
-
 def cli(environ: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "smtpdup", *args], env={**clean_environ(), **environ}, cwd=ROOT,
-        capture_output=True, text=True, timeout=CLI_TIMEOUT,
-    )
+    return run_smtpdup(args, environ, timeout=CLI_TIMEOUT)
 
 
 def queue_list(environ: dict[str, str]) -> list[dict]:
@@ -111,87 +102,11 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-class RelayProcess:
-    """``python -m smtpdup`` in a subprocess with a configuration from the
-    environment; its JSON log (stderr) goes to a file per start."""
-
-    def __init__(self, directory: Path, environ: dict[str, str], started: list[subprocess.Popen]) -> None:
-        self.directory = directory
-        self.environ = environ
-        self._started = started  # the fixture kills these by PID
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-        self.runs = 0
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
-
-    @property
-    def log_path(self) -> Path:
-        return self.directory / f"relay-{self.runs}.log"
-
-    def log_events(self) -> list[dict]:
-        events = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                pass
-        return events
-
-    def start(self, crash_at: str = "", preexec_fn=None) -> RelayProcess:
-        """Start and wait for the relay's "started" log line. A port taken
-        between ``free_port`` and the relay's bind is retried with another."""
-        for _ in range(5):
-            self.runs += 1
-            self.port = free_port()
-            env = {**clean_environ(), **self.environ, "SMTP_DUP_SMTP_LISTEN": f"127.0.0.1:{self.port}"}
-            if crash_at:
-                env["SMTPDUP_TEST_CRASH_AT"] = crash_at
-            with open(self.log_path, "wb") as log:
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "smtpdup"], env=env, cwd=ROOT,
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=preexec_fn,
-                )
-            self._started.append(self.proc)
-            proc = self.proc
-            wait_until(
-                lambda: proc.poll() is not None or any(e.get("event") == "started" for e in self.log_events()),
-                START_TIMEOUT, what="the relay to start",
-            )
-            if proc.poll() is None:
-                return self
-            text = self.log_path.read_text(errors="replace")
-            if "in use" not in text:
-                raise AssertionError(f"relay exited with {proc.returncode}: {text[-2000:]}")
-        raise AssertionError("no free port for the relay after 5 tries")
-
-    def kill(self) -> None:
-        """kill -9, as a crash would."""
-        assert self.proc is not None and self.proc.poll() is None, "relay is not running"
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=START_TIMEOUT)
-
-    def wait_exit(self) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout=START_TIMEOUT)
-
-
 @pytest.fixture
-def relay_process(tmp_path):
-    """Factory: ``relay_process(environ)`` -> a not yet started RelayProcess;
-    every process it starts is killed (by PID) at teardown."""
-    started: list[subprocess.Popen] = []
-
-    def make(environ: dict[str, str]) -> RelayProcess:
-        return RelayProcess(tmp_path, environ, started)
-
-    yield make
-    for proc in started:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=START_TIMEOUT)
+def relay_process(smtpdup):
+    """Factory: ``relay_process(environ)`` -> a relay subprocess
+    (``harness.Smtpdup``) not yet started: ``start_on_free_port()``."""
+    return smtpdup
 
 
 @pytest.fixture
@@ -353,20 +268,20 @@ def test_kill_9_loses_no_accepted_copy(upstreams, relay_process, tmp_path):
     primary, backup = upstreams("primary"), upstreams("backup")
     backup.set_rules(mail=DOWN)
     environ = relay_environ(tmp_path, primary.address, [backup.address], log_level="info")
-    relay = relay_process(environ).start()
+    relay = relay_process(environ).start_on_free_port()
     for n in range(5):
         assert send(relay.address, ["bob@example.com", "carol@example.org"], f"m{n}") == {}
     # Committed before each 250: all five are on disk now (`queue list` next to the live relay).
     assert [e["state"] for e in queue_list(environ)] == ["pending"] * 5
     relay.kill()
     backup.set_rules()
-    relay.start()
+    relay.start_on_free_port()
     backup.wait_for(5)
     wait_until(lambda: spool_idle(environ), what="the spool to empty")
     assert subjects(backup) == [f"m{n}" for n in range(5)]
     assert all(s.rcpt_tos == ["bob@example.com", "carol@example.org"] for s in backup.messages())
     assert sorted(s.content for s in backup.messages()) == sorted(s.content for s in primary.messages())
-    loaded = [e for e in relay.log_events() if e.get("event") == "spool_loaded"]
+    loaded = [e for e in relay.events() if e.get("event") == "spool_loaded"]
     assert loaded and loaded[0]["pending_copies"] == 5
 
 
@@ -391,14 +306,14 @@ def test_crash_points_keep_the_invariants(upstreams, relay_process, tmp_path, cr
     backup.set_rules(mail=DOWN)
     environ = relay_environ(tmp_path, primary.address, [backup.address], log_level="info")
     spool = spool_path(environ)
-    relay = relay_process(environ).start()
+    relay = relay_process(environ).start_on_free_port()
     assert send(relay.address, ["bob@example.com"], "accepted") == {}
     relay.kill()
 
-    relay.start(crash_at=crash_at)
+    relay.start_on_free_port(crash_at=crash_at)
     with pytest.raises((smtplib.SMTPException, OSError)):
         send(relay.address, ["bob@example.com"], "cut")
-    assert relay.wait_exit() == -signal.SIGKILL
+    assert relay.wait() == -signal.SIGKILL
     # Message files only: a state save cut by the kill may leave tmp/<qid>.state.*.
     partial = [n for n in os.listdir(spool / "tmp") if "." not in n and not n.startswith(BLANK_PREFIX)]
     committed = [n for n in os.listdir(spool / "msg") if "." not in n]
@@ -408,7 +323,7 @@ def test_crash_points_keep_the_invariants(upstreams, relay_process, tmp_path, cr
         assert (len(partial), len(committed)) == (1, 1)
 
     backup.set_rules()
-    relay.start()
+    relay.start_on_free_port()
     wait_until(lambda: backup.count() >= 1 and spool_idle(environ), what="pending copies delivered")
     at_primary = subjects(primary)
     at_backup = subjects(backup)
@@ -438,7 +353,7 @@ def test_spool_write_failure_mid_data_gives_451_and_primary_gets_nothing(upstrea
 
     primary, backup = upstreams("primary"), upstreams("backup")
     environ = relay_environ(tmp_path, primary.address, [backup.address], log_level="info")
-    relay = relay_process(environ).start(preexec_fn=small_files)
+    relay = relay_process(environ).start_on_free_port(preexec_fn=small_files)
     big = content("big") + b"x" * 998 + b"\r\n"
     big += (b"y" * 78 + b"\r\n") * (4 * limit // 80)
     with smtplib.SMTP(*relay.address, timeout=10) as smtp:
@@ -451,7 +366,7 @@ def test_spool_write_failure_mid_data_gives_451_and_primary_gets_nothing(upstrea
     assert subjects(backup) == ["small"]
     assert subjects(primary) == ["small"]  # the big one never got its final dot
     assert spool_idle(environ)
-    assert any(e.get("event") == "spool_write_failed" for e in relay.log_events())
+    assert any(e.get("event") == "spool_write_failed" for e in relay.events())
 
 
 def test_spool_tmp_unusable_gives_451_and_primary_gets_nothing(upstreams, relay, tmp_path):
@@ -471,20 +386,6 @@ def test_spool_tmp_unusable_gives_451_and_primary_gets_nothing(upstreams, relay,
     backup.wait_for(1)
     assert subjects(primary) == ["kept"]
     assert subjects(backup) == ["kept"]
-
-
-def test_spool_dir_that_is_a_file_exits_2_with_one_line(tmp_path):
-    not_a_dir = tmp_path / "spool-file"
-    not_a_dir.write_text("x\n")
-    environ = relay_environ(tmp_path, "127.0.0.1:25", ["127.0.0.1:26"], smtp_listen=f"127.0.0.1:{free_port()}",
-                            relay_spool_dir=not_a_dir)
-    result = cli(environ)
-    assert result.returncode == 2
-    assert result.stdout == ""
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("smtpdup: spool: ") and str(not_a_dir) in lines[0]
 
 
 # -- 6. a long backlog does not grow memory ------------------------------------
@@ -513,7 +414,7 @@ def test_1000_copies_for_a_dead_backup_keep_memory_flat(upstreams, relay, late_l
     assert growth < 50 * 1024 * 1024, f"RSS grew by {growth / 2**20:.1f} MiB"
     # Deferred copies are index entries; no message stays loaded once the
     # last fresh copy has had its (failed) attempt.
-    wait_until(lambda: service.scheduler._live == {}, what="no message held in memory")
+    wait_until(lambda: service.scheduler.held_count() == 0, what="no message held in memory")
     assert len(queue_entries(service.spool)) == 1000
     assert primary.count() == 1000
 
@@ -681,21 +582,21 @@ def test_copy_delivered_on_a_retry_is_settled_and_never_sent_again(upstreams, re
         tmp_path, primary.address, [backup1.address, backup2.address],
         relay_retry_initial_seconds=0.5, relay_retry_max_interval_seconds=1, log_level="info",
     )
-    relay = relay_process(environ).start()
+    relay = relay_process(environ).start_on_free_port()
     for n in range(3):
         assert send(relay.address, ["bob@example.com"], f"m{n}") == {}
     backup1.wait_for(3)
-    wait_until(lambda: any(e.get("outcome") == "deferred" for e in relay.log_events()), what="a deferral")
+    wait_until(lambda: any(e.get("outcome") == "deferred" for e in relay.events()), what="a deferral")
     backup2.set_rules()
     backup2.wait_for(3, timeout=15)
     wait_until(lambda: spool_idle(environ), what="the spool to empty")
     assert queue_list(environ) == []
-    delivered = [e for e in relay.log_events() if e.get("event") == "backup_attempt" and e["outcome"] == "delivered"]
+    delivered = [e for e in relay.events() if e.get("event") == "backup_attempt" and e["outcome"] == "delivered"]
     assert len(delivered) == 6
-    os.kill(relay.proc.pid, signal.SIGTERM)
-    assert relay.wait_exit() == 0
-    relay.start()
-    [loaded] = wait_until(lambda: [e for e in relay.log_events() if e.get("event") == "spool_loaded"],
+    relay.signal(signal.SIGTERM)
+    assert relay.wait() == 0
+    relay.start_on_free_port()
+    [loaded] = wait_until(lambda: [e for e in relay.events() if e.get("event") == "spool_loaded"],
                           what="the spool to be indexed")
     assert loaded["pending_copies"] == 0
     assert (backup1.count(), backup2.count(), primary.count()) == (3, 3, 3)

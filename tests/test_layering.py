@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "smtpdup"
 FORBIDDEN = {
     "reply": {"gevent", "socket", "smtplib", "ssl", "logging"},
     "protocol": {"gevent", "socket", "smtplib", "ssl", "logging", "time"},
+    "policy": {"gevent", "socket", "smtplib", "ssl", "logging", "time"},
     "spool": {"gevent", "socket", "smtplib", "ssl"},
     "config": {"gevent", "socket", "smtplib", "ssl"},
     "report": {"gevent", "socket", "smtplib", "ssl"},
@@ -20,6 +21,7 @@ FORBIDDEN = {
 ALLOWED_LOCAL = {
     "reply": set(),
     "protocol": {"reply"},
+    "policy": {"reply"},
     "spool": set(),
     "config": set(),
     "report": {"spool"},
@@ -55,7 +57,14 @@ def test_pure_modules_import_no_io(module):
 
 def test_nothing_imports_the_wiring():
     for path in PACKAGE.glob("*.py"):
-        if path.stem in {"cli", "__main__", "server", "workers"}:
+        if path.stem in {"cli", "__main__", "service", "workers"}:
             continue
         _, local = imports(path.stem)
-        assert not local & {"cli", "server", "workers"}, path.name
+        assert not local & {"cli", "service", "workers"}, path.name
+
+
+def test_the_listener_knows_sessions_not_the_relay():
+    """server.py serves any session factory (the relay's, the sink's):
+    starting a sink pulls in no relay, scheduler or spool."""
+    _, local = imports("server")
+    assert not local & {"relay", "delivery", "spool", "service", "upstream"}, local

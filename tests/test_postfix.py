@@ -19,7 +19,6 @@ import shutil
 import signal
 import smtplib
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -55,16 +54,15 @@ RECIPIENT = "rcpt@example.com"
 
 
 class Relay:
-    """``python -m smtpdup`` as a subprocess; stderr (its log) kept in a file."""
+    """``python -m smtpdup`` as a subprocess (``harness.Smtpdup``), configured
+    by the environment alone, in front of smtp-sinks."""
 
-    def __init__(self, tmp_path: Path, primary: Sink, backups: list[Sink]) -> None:
+    def __init__(self, tmp_path: Path, primary: Sink, backups: list[Sink], smtpdup) -> None:
         self.port = postfix_tools.free_port()
         self.spool_dir = tmp_path / "spool"
-        self.log_path = tmp_path / "relay.log"
         config_path = tmp_path / "empty-config.yaml"
         config_path.write_text("{}\n")
-        self.environ = {
-            **os.environ,
+        self.process = smtpdup({
             "SMTP_DUP_CONFIG": str(config_path),
             "SMTP_DUP_SMTP_LISTEN": f"127.0.0.1:{self.port}",
             "SMTP_DUP_METRICS_LISTEN": "",
@@ -74,20 +72,14 @@ class Relay:
             "SMTP_DUP_LOG_LEVEL": "warning",
             # Stop promptly at teardown: nothing is in flight by then.
             "SMTP_DUP_SMTP_SHUTDOWN_GRACE_SECONDS": "2",
-        }
-        self.proc: subprocess.Popen | None = None
+        })
 
     def start(self) -> "Relay":
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "smtpdup"], env=self.environ,
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        postfix_tools.wait_listening(self.proc, self.port, START_TIMEOUT_SECONDS)
+        self.process.start(wait="listening")
         return self
 
     def log_tail(self, lines: int = 30) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(self.process.log().splitlines()[-lines:])
 
     def spooled(self) -> list[str]:
         """Names left under spool/msg/ (committed messages with copies not yet settled)."""
@@ -113,13 +105,13 @@ def sinks(tmp_path):
 
 
 @pytest.fixture
-def relay(tmp_path, sinks):
+def relay(tmp_path, sinks, smtpdup):
     """The relay in front of ``sinks``; stopped by PID (SIGTERM, then SIGKILL)."""
-    relay = Relay(tmp_path, sinks[0], sinks[1:])
+    relay = Relay(tmp_path, sinks[0], sinks[1:], smtpdup)
     try:
         yield relay.start()
     finally:
-        status = postfix_tools.stop(relay.proc)
+        status = relay.process.stop(timeout=postfix_tools.STOP_TIMEOUT_SECONDS)
     # SPEC §5: SIGTERM ends the relay with status 0 (-9: it needed SIGKILL).
     assert status == 0, f"relay exited {status} on SIGTERM; log:\n{relay.log_tail()}"
 
@@ -341,7 +333,7 @@ def private_postfix(upstreams):
     if not POSTFIX.exists() or os.geteuid() != 0:
         pytest.skip("needs Postfix (apt-get install postfix) and root to run a private instance")
     from smtpdup import config as config_module
-    from smtpdup.server import RelayService
+    from smtpdup.service import RelayService
 
     base = Path(tempfile.mkdtemp(prefix="smtpdup-postfix-"))
     base.chmod(0o755)  # the postfix user must reach queue/ and data/

@@ -178,6 +178,27 @@ def test_reply_str_and_classes() -> None:
 
 
 @pytest.mark.parametrize(
+    "code, completed, positive, transient, permanent",
+    [
+        (220, True, True, False, False),
+        (250, True, True, False, False),
+        (299, True, True, False, False),
+        (354, False, True, False, False),
+        (421, False, False, True, False),
+        (451, False, False, True, False),
+        (499, False, False, True, False),
+        (500, False, False, False, True),
+        (550, False, False, False, True),
+        (599, False, False, False, True),
+    ],
+)
+def test_reply_predicates_follow_the_first_digit(code, completed, positive, transient, permanent):
+    reply = Reply(code)
+    assert (reply.is_completed, reply.is_positive, reply.is_transient, reply.is_permanent) == (
+        completed, positive, transient, permanent)
+
+
+@pytest.mark.parametrize(
     "name, code, enhanced",
     [
         ("BAD_SEQUENCE", 503, "5.5.1"),

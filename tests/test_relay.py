@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import MESSAGE, client, wait_until
 
-from smtpdup import logs
+from smtpdup import logs, metrics
 from smtpdup.spool import BLANK_PREFIX
 
 
@@ -331,6 +331,28 @@ def test_connection_limit_gives_421(upstreams, relay):
         with socket.create_connection(service.address) as sock:
             assert read_replies(sock, 1)[0][:9] == b"421 4.7.0"
         assert first.noop()[0] == 250
+
+
+def _connections(outcome: str) -> float:
+    return metrics.REGISTRY.get_sample_value("smtpdup_connections_total", {"outcome": outcome}) or 0.0
+
+
+def test_connection_limit_and_draining_refusals_count_apart(upstreams, relay):
+    """A connection over smtp.max_connections is over_limit; one that
+    arrives while the relay drains (accepted just before the listener
+    closed) is draining, and told so."""
+    primary = upstreams("primary")
+    service = relay(primary.address, smtp_max_connections=1)
+    over_limit, draining = _connections("over_limit"), _connections("draining")
+    with client(service) as first:
+        first.ehlo()
+        with socket.create_connection(service.address) as sock:
+            assert read_replies(sock, 1)[0][:9] == b"421 4.7.0"
+    assert (_connections("over_limit"), _connections("draining")) == (over_limit + 1, draining)
+    service.server.draining = True  # as drain() sets it before closing the listener
+    with socket.create_connection(service.address) as sock:
+        assert read_replies(sock, 1)[0][:9] == b"421 4.3.2"
+    assert (_connections("over_limit"), _connections("draining")) == (over_limit + 1, draining + 1)
 
 
 @pytest.fixture

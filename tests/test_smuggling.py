@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import MESSAGE, START_TIMEOUT, Upstream, wait_until
-from test_cli import background, relay_variables  # noqa: F401 (fixture)
+from test_cli import relay_variables
 from test_relay import in_data, read_replies
 
 from smtpdup import logs
@@ -201,6 +201,6 @@ def test_refusal_is_logged_as_the_client_heard_it(raw_upstreams, background, tmp
     line = process.wait_for_event("transaction")
     assert line["outcome"] == "rejected"
     assert line["reply"] == "550 5.6.0 NUL byte in message content"
-    assert "client gone" not in process.output()
+    assert "client gone" not in process.log()
     assert primary.count() == 0
 

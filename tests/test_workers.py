@@ -9,86 +9,25 @@ import os
 import re
 import signal
 import smtplib
-import subprocess
-import sys
 import urllib.request
 
 import gevent
 import pytest
-from conftest import ROOT, START_TIMEOUT, free_port, relay_environ, wait_until
+from conftest import free_port, relay_environ, run_smtpdup, wait_until
 
 QUEUE_ID = re.compile(rb"\bid ([0-9a-f]{20});")
 NEVER = {"relay_retry_initial_seconds": 3600, "relay_retry_max_interval_seconds": 3600}
 
 
-class Relay:
-    def __init__(self, environ: dict[str, str], log_path) -> None:
-        self.environ = {k: v for k, v in os.environ.items() if not k.startswith("SMTP_DUP_")}
-        self.environ.update(environ)
-        self.log_path = log_path  # stderr goes to a file: a full pipe would stall the relay
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "Relay":
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "smtpdup"], env=self.environ, cwd=ROOT,
-                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
-            )
-        host, port = self.address
-        wait_until(lambda: _listening(host, port) or self.proc.poll() is not None, START_TIMEOUT,
-                   what="the relay to listen")
-        assert self.proc.poll() is None, self.log()
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host, _, port = self.environ["SMTP_DUP_SMTP_LISTEN"].rpartition(":")
-        return host, int(port)
-
-    def stop(self, signum: int = signal.SIGTERM) -> int:
-        """Signal the supervisor (SIGKILL: the whole process group) and wait."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        if signum == signal.SIGKILL:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        else:
-            os.kill(self.proc.pid, signum)
-        return self.proc.wait(timeout=60)
-
-    def kill_all(self) -> None:
-        if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(timeout=START_TIMEOUT)
-
-
-def _listening(host: str, port: int) -> bool:
-    import socket
-
-    try:
-        socket.create_connection((host, port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
 @pytest.fixture
-def relays(tmp_path):
-    started: list[Relay] = []
+def relays(smtpdup):
+    """Factory: ``relays(environ)`` -> the supervisor started and listening
+    (``harness.Smtpdup``); its whole process group is killed at teardown."""
 
     def make(environ):
-        relay = Relay(environ, tmp_path / f"relay-{len(started)}.log")
-        started.append(relay)
-        return relay.start()
+        return smtpdup(environ).start(wait="listening")
 
-    yield make
-    for relay in started:
-        relay.kill_all()
+    return make
 
 
 def send_many(address, connections: int, per_connection: int) -> None:
@@ -139,13 +78,11 @@ def test_workers_share_the_backlog_without_double_delivery(upstreams, relays, tm
     # backed off after its first 451, leaves the others without an attempt.
     assert len([n for n in os.listdir(spool) if not n.endswith(".state")]) == 20
     wait_until(lambda: any(n.endswith(".state") for n in os.listdir(spool)), what="a copy deferred")
-    assert relay.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert relay.kill(group=True) == -signal.SIGKILL
 
     backup.set_rules()
     relay = relays(environ)
-    cli_env = {k: v for k, v in relay.environ.items()}
-    result = subprocess.run([sys.executable, "-m", "smtpdup", "queue", "flush"], env=cli_env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = run_smtpdup(["queue", "flush"], environ, timeout=60)
     assert result.returncode == 0, result.stderr
     backup.wait_for(20, timeout=30)
     wait_until(lambda: not os.listdir(spool), what="the spool to empty")
