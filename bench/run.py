@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                  "built-in Python load client, which is slower: numbers are not comparable with smtp-source runs")
     if not tools.smtp_sink:
         progress("WARNING: smtp-sink not found: destinations are `smtpdup sink` (slower, counts files)")
+    if args.tmpdir:
+        os.makedirs(args.tmpdir, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="smtpdup-bench-", dir=args.tmpdir))
     os.chmod(workdir, 0o755)  # Postfix daemons (user postfix) must reach their queue below it
     bench = Bench(args, tools, workdir)

@@ -367,9 +367,8 @@ class Scheduler:
                 if not keys:
                     continue
                 moved = True
-                wanted = {_split(key)[0] for key in keys} - self._live.keys()
                 try:
-                    loaded = blocking(self._load_many, sorted(wanted)) if wanted else {}
+                    messages = self._messages(keys)
                 except OSError as exc:
                     log.error("spool_read_failed", extra={"error": str(exc)})
                     retry = now + self.config.relay.retry_initial_seconds
@@ -378,14 +377,32 @@ class Scheduler:
                     continue
                 for key in keys:
                     queue_id, index = _split(key)
-                    live = self._live.get(queue_id)  # may have appeared meanwhile
-                    message = live[0] if live else loaded.get(queue_id)
+                    message = messages.get(queue_id)
                     if message is None or index >= len(message.copies) or message.copies[index].settled:
                         continue  # delivered meanwhile, or deleted with `queue delete`
                     self._queue(message, message.copies[index])
             self._dispatch()
             if not moved:
                 return
+
+    def _messages(self, keys: list[str]) -> dict[str, Message]:
+        """The messages of ``keys`` by queue id: those in memory, the others
+        read from the spool in one threadpool trip. Those in memory are held
+        here, not looked up again after the trip: a copy of one may finish
+        meanwhile and drop it from ``_live``. Raises OSError."""
+        found: dict[str, Message] = {}
+        wanted = []
+        for queue_id in {_split(key)[0] for key in keys}:
+            live = self._live.get(queue_id)
+            if live is not None:
+                found[queue_id] = live[0]
+            else:
+                wanted.append(queue_id)
+        if wanted:
+            for queue_id, message in blocking(self._load_many, sorted(wanted)).items():
+                live = self._live.get(queue_id)  # in memory meanwhile: one object per message
+                found[queue_id] = live[0] if live is not None else message
+        return found
 
     def _load_many(self, queue_ids: list[str]) -> dict[str, Message]:
         """In a worker thread: the messages still in the spool, by queue id."""
@@ -570,9 +587,8 @@ class Scheduler:
             reply = self._down[dest].reply
             for start in range(0, len(expired), LOAD_CHUNK):
                 keys = expired[start:start + LOAD_CHUNK]
-                wanted = sorted({_split(key)[0] for key in keys} - self._live.keys())
                 try:
-                    loaded = blocking(self._load_many, wanted) if wanted else {}
+                    messages = self._messages(keys)
                 except OSError as exc:
                     log.error("spool_read_failed", extra={"error": str(exc)})
                     for key in keys:
@@ -580,8 +596,7 @@ class Scheduler:
                     continue
                 for key in keys:
                     queue_id, index = _split(key)
-                    live = self._live.get(queue_id)
-                    message = live[0] if live else loaded.get(queue_id)
+                    message = messages.get(queue_id)
                     if message is None or index >= len(message.copies) or message.copies[index].settled:
                         continue
                     copy = message.copies[index]

@@ -13,6 +13,7 @@ is stopped by its PID at teardown.
 from __future__ import annotations
 
 import gc
+import heapq
 import json
 import logging
 import os
@@ -784,3 +785,39 @@ def test_inflow_control_delays_mail_only_when_short_of_cpu(upstreams, relay, tmp
     finally:
         burning = False
         burner.join(5)
+
+
+def test_a_copy_read_from_disk_while_its_sibling_finishes_still_goes(upstreams, relay, tmp_path, monkeypatch):
+    """Backup 1's next copies are read from disk in one threadpool trip;
+    meanwhile backup 2's copy of one of those messages, already in memory,
+    finishes and drops the message from memory. Backup 1's copy of it must
+    still be queued (a 100,000-copy drain lost a few hundred this way: they
+    stayed pending, unattempted, until a restart)."""
+    from smtpdup import delivery
+    from smtpdup.spool import Spool
+
+    primary, (backup1, backup2), addresses = _backlog(upstreams, relay, tmp_path, 4)
+    config = config_module.load(None, relay_environ(tmp_path, primary.address, addresses, **NEVER))
+    spool = Spool(config.relay.spool_dir)
+    scheduler = delivery.Scheduler(config, spool)
+    scheduler.loaded.set()
+    first, second = sorted(m.queue_id for m in spool.messages())[:2]
+    held = spool.load(first)
+    scheduler._queue(held, held.copies[1])  # backup 2's copy of `first`, in memory
+    for queue_id in (first, second):
+        heapq.heappush(scheduler._delayed[addresses[0]], (0.0, f"{queue_id}/0"))
+    read_from_disk = delivery.blocking
+
+    def meanwhile_backup2_finishes(fn, *args):
+        result = read_from_disk(fn, *args)
+        scheduler._ready[addresses[1]].popleft()
+        scheduler._release(first)
+        return result
+
+    monkeypatch.setattr(delivery, "blocking", meanwhile_backup2_finishes)
+    try:
+        scheduler._promote(time.time())
+        assert list(scheduler._ready[addresses[0]]) == [f"{first}/0", f"{second}/0"]
+    finally:
+        scheduler.pool.kill()
+        spool.close()
