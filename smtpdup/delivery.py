@@ -463,6 +463,7 @@ class Scheduler:
     def _worker(self, dest_name: str) -> None:
         upstream: Upstream | None = None
         ready = self._ready[dest_name]
+        delayed = self._delayed
         work = self._work[dest_name]
         idle_until = None
         try:
@@ -484,6 +485,8 @@ class Scheduler:
                     continue
                 idle_until = None
                 key = ready.popleft()
+                if len(ready) <= READY_PER_DESTINATION // 2 and delayed[dest_name]:
+                    self._wake.set()  # refill the queue before it runs dry
                 self._idle[dest_name] -= 1
                 self._in_flight[dest_name] += 1
                 try:

@@ -657,6 +657,20 @@ def test_backlog_larger_than_the_ready_queues_drains_and_stays_drained(upstreams
     assert (backup1.count(), backup2.count()) == (40, 40)
 
 
+def test_ready_queues_are_refilled_as_they_drain_not_once_per_poll(upstreams, relay, tmp_path, monkeypatch):
+    """A backlog far larger than the ready queues (10 copies each here):
+    a queue running low wakes the scheduler to refill it from the index.
+    Refilled only at the scheduler's poll (30 s here) or when an idle worker
+    quit (after a second), 200 copies per backup would take 20 s or more."""
+    from smtpdup import delivery
+
+    monkeypatch.setattr(delivery, "READY_PER_DESTINATION", 10)
+    monkeypatch.setattr(delivery, "POLL_SECONDS", 30.0)
+    primary, (backup1, backup2), addresses = _backlog(upstreams, relay, tmp_path, 200)
+    _restart_due(relay, primary, addresses)
+    backup1.wait_for(200, timeout=8)
+    backup2.wait_for(200, timeout=8)
+
 def test_backups_share_the_pool_from_the_first_second_of_a_restart(upstreams, relay, tmp_path):
     """A backlog recovered at start, both backups up, four workers: both
     backups receive copies from the start, not one after the other."""
