@@ -24,7 +24,8 @@ import time  # noqa: E402
 from . import __version__  # noqa: E402
 from . import config as config_module  # noqa: E402
 from . import logs  # noqa: E402
-from .config import Config, ConfigError, HostPort, parse_hostport  # noqa: E402
+from .config import Config, ConfigError  # noqa: E402
+from .destination import HostPort, parse_destination, parse_hostport  # noqa: E402
 from .spool import SpoolError  # noqa: E402
 
 EXIT_OK = 0
@@ -413,7 +414,7 @@ def _check_destination(destination: str, config: Config, entries) -> str:
     if destination in known:
         return destination
     try:
-        name = config_module.parse_destination(destination).name
+        name = parse_destination(destination).name
     except (ValueError, TypeError):
         name = None
     if name in known:

@@ -63,7 +63,8 @@ from gevent.pool import Pool
 
 from . import logs, metrics, policy
 from .blocking import Batch, blocking
-from .config import Config, Destination, RelayConfig
+from .config import Config, RelayConfig
+from .destination import Destination
 from .reply import Reply
 from .spool import MEMORY_CONTENT_BYTES, Copy, Message, Spool
 from .upstream import Upstream, UpstreamError

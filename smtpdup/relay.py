@@ -35,7 +35,8 @@ import gevent
 
 from . import logs, metrics
 from .blocking import Batch, blocking
-from .config import Config, Destination
+from .config import Config
+from .destination import Destination
 from .reply import LOCAL_ERROR, PRIMARY_UNAVAILABLE, Reply
 from .spool import Blank, Envelope, Message, Spool, SpoolFile, Target, new_queue_id
 from .upstream import Upstream, UpstreamError

@@ -25,7 +25,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .config import Destination
+from .destination import Destination
 from .reply import Reply, ReplyError, take_reply
 
 # Bytes asked of the socket per read. What a broken peer can make us buffer
