@@ -245,9 +245,7 @@ def _check_connect(config: Config) -> int:
     assert relay.destination_primary is not None
     destinations = [("primary", relay.destination_primary)]
     destinations += [("backup", backup) for backup in relay.destination_backups]
-    jobs = [gevent.spawn(probe, destination, timeout_seconds=relay.timeout_seconds,
-                         local_hostname=config.smtp.domain, tls_ca_file=relay.tls_ca_file)
-            for _, destination in destinations]
+    jobs = [gevent.spawn(probe, destination, relay, config.smtp.domain) for _, destination in destinations]
     gevent.joinall(jobs)
     failed = []
     for (role, destination), job in zip(destinations, jobs):

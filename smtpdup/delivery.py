@@ -519,12 +519,7 @@ class Scheduler:
                 return upstream
             started = time.monotonic()
             if upstream is None or not upstream.connected:
-                upstream = Upstream(
-                    destination,
-                    timeout_seconds=self.config.relay.timeout_seconds,
-                    local_hostname=self.config.smtp.domain,
-                    tls_ca_file=self.config.relay.tls_ca_file,
-                )
+                upstream = Upstream.for_destination(destination, self.config.relay, self.config.smtp.domain)
                 try:
                     upstream.connect()
                 except UpstreamError as exc:

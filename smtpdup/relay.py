@@ -172,8 +172,7 @@ class BlankSupply:
 
 def _primary_key(config: Config) -> tuple:
     """Upstream.key() of a session to the configured primary."""
-    relay = config.relay
-    return (relay.destination_primary, relay.timeout_seconds, config.smtp.domain, relay.tls_ca_file)
+    return Upstream.key_for(config.relay.destination_primary, config.relay, config.smtp.domain)  # type: ignore[arg-type]
 
 
 class PrimaryPool:
@@ -216,9 +215,8 @@ class PrimaryPool:
             idle.append((since, upstream))
             self._quit_all(idle)
             idle.clear()
-        destination, timeout, domain, ca_file = key
-        assert destination is not None
-        return Upstream(destination, timeout_seconds=timeout, local_hostname=domain, tls_ca_file=ca_file)
+        assert config.relay.destination_primary is not None
+        return Upstream.for_destination(config.relay.destination_primary, config.relay, config.smtp.domain)
 
     def give(self, upstream: Upstream) -> None:
         """Take ``upstream`` back from a client session that is done with
