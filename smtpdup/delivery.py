@@ -54,7 +54,7 @@ import itertools
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import gevent
@@ -67,6 +67,7 @@ from .config import Config, RelayConfig
 from .destination import Destination
 from .reply import Reply
 from .spool import MEMORY_CONTENT_BYTES, Copy, Message, Spool
+from .transfer import Attempt, send_copy
 from .upstream import Upstream, UpstreamError
 
 log = logs.get("delivery")
@@ -100,18 +101,6 @@ CONGESTED_LAG_SECONDS = 0.01
 FLOW_DELAY_SECONDS = 1.0
 # How the event loop's lateness is sampled: a timer this often, smoothed.
 LAG_SAMPLE_SECONDS = 0.05
-
-
-@dataclass(slots=True)
-class _Attempt:
-    """What one attempt did with each recipient of a copy."""
-
-    delivered: list[str] = field(default_factory=list)
-    deferred: list[str] = field(default_factory=list)
-    refused: list[tuple[str, Reply]] = field(default_factory=list)  # RCPT-level 5xx
-    dead: list[str] = field(default_factory=list)  # whole-copy 5xx
-    reply: Reply | None = None  # the reply that decided the attempt
-    site_failure: bool = False  # the destination failed as a whole (see _Down)
 
 
 @dataclass(slots=True)
@@ -512,7 +501,7 @@ class Scheduler:
                 return upstream
             destination = self._destination(dest_name)
             if destination is None:
-                self._finish(message, copy, _Attempt(
+                self._finish(message, copy, Attempt(
                     deferred=list(copy.recipients),
                     reply=Reply(451, "4.3.5", f"{dest_name} is no longer configured"),
                 ), 0.0)
@@ -523,8 +512,8 @@ class Scheduler:
                 try:
                     upstream.connect()
                 except UpstreamError as exc:
-                    attempt = _Attempt(deferred=list(copy.recipients), reply=exc.reply,
-                                       site_failure=policy.is_site_failure(None))
+                    attempt = Attempt(deferred=list(copy.recipients), reply=exc.reply,
+                                      site_failure=policy.is_site_failure(None))
                     self._finish(message, copy, attempt, time.monotonic() - started)
                     self._back_off(dest_name, exc.reply)
                     return None
@@ -596,11 +585,11 @@ class Scheduler:
                     if message is None or index >= len(message.copies) or message.copies[index].settled:
                         continue
                     copy = message.copies[index]
-                    self._finish(message, copy, _Attempt(deferred=list(copy.recipients), reply=reply), 0.0)
+                    self._finish(message, copy, Attempt(deferred=list(copy.recipients), reply=reply), 0.0)
 
-    def _transfer(self, upstream: Upstream, message: Message, copy: Copy) -> _Attempt:
-        """MAIL, RCPTs, DATA and content for one copy over an open session."""
-        attempt = _Attempt()
+    def _transfer(self, upstream: Upstream, message: Message, copy: Copy) -> Attempt:
+        """One copy over an open session: its content opened (in memory,
+        from the page cache, or in the threadpool), then sent (send_copy)."""
         envelope = message.envelope
         try:
             if message.content is not None or time.time() - envelope.received_at < FRESH_SECONDS:
@@ -608,75 +597,28 @@ class Scheduler:
             else:
                 content = blocking(self._open_content, message)
         except FileNotFoundError:
-            attempt.reply = Reply(250, "2.0.0", "deleted from the queue")
-            return attempt  # nothing left to deliver: settles the copy
+            # Nothing left to deliver: settles the copy.
+            return Attempt(reply=Reply(250, "2.0.0", "deleted from the queue"))
         except OSError as exc:
-            log.error("spool_read_failed", extra={"queue_id": envelope.queue_id, "error": str(exc)})
-            attempt.deferred = list(copy.recipients)
-            attempt.reply = Reply(451, "4.3.0", "spool file unreadable")
-            return attempt
+            return _unreadable(message, copy, exc)
+        params: dict[str, str | None] = {"SIZE": str(message.content_length)}
+        if envelope.smtputf8:
+            params["SMTPUTF8"] = None
+        if envelope.body:
+            params["BODY"] = envelope.body
         with content:
             try:
-                params: dict[str, str | None] = {"SIZE": str(message.content_length)}
-                if envelope.smtputf8:
-                    params["SMTPUTF8"] = None
-                if envelope.body:
-                    params["BODY"] = envelope.body
-                mail, rcpts, data = upstream.open_transaction(envelope.sender, params, copy.recipients)
-                if not mail.is_completed:
-                    attempt.reply = mail
-                    attempt.site_failure = policy.is_site_failure(mail)
-                    _classify(attempt, copy.recipients, mail)
-                    _rset(upstream)
-                    return attempt
-                self._destination_up(copy.destination)
-                accepted = []
-                for recipient, reply in zip(copy.recipients, rcpts):
-                    fate = policy.recipient_fate(reply)
-                    if fate == policy.DELIVERED:
-                        accepted.append(recipient)
-                    elif fate == policy.DEAD:
-                        attempt.refused.append((recipient, reply))
-                    else:
-                        attempt.deferred.append(recipient)
-                        attempt.reply = reply
-                if not accepted:
-                    _rset(upstream)
-                    attempt.reply = attempt.reply or (attempt.refused[0][1] if attempt.refused else rcpts[-1])
-                    return attempt
-                if data is None or data.code != 354:
-                    reply = data or Reply(451, "4.4.2", "DATA not accepted")
-                    attempt.reply = reply
-                    _classify(attempt, accepted, reply)
-                    _rset(upstream)
-                    return attempt
-                # Content streams block by block; the last block leaves
-                # with the final dot, in one write.
-                tail = b"\r\n"
-                last = b""
-                for block in content:
-                    if last:
-                        upstream.send(last)
-                    last = block
-                    tail = (tail + block[-2:])[-2:]
-                reply = upstream.end_data(tail == b"\r\n", last)
-                attempt.reply = reply
-                _classify(attempt, accepted, reply)
-            except UpstreamError as exc:
-                done = set(attempt.delivered) | set(attempt.deferred) | set(attempt.dead)
-                done |= {r for r, _ in attempt.refused}
-                attempt.deferred.extend(r for r in copy.recipients if r not in done)
-                attempt.reply = exc.reply
-                attempt.site_failure = policy.is_site_failure(None)
+                attempt = send_copy(upstream, envelope.sender, params, copy.recipients, content)
             except OSError as exc:
-                # A broken spool file: never send a final dot for it.
-                upstream.abort()
-                log.error("spool_read_failed", extra={"queue_id": envelope.queue_id, "error": str(exc)})
-                attempt.deferred = list(copy.recipients)
-                attempt.reply = Reply(451, "4.3.0", "spool file unreadable")
+                # A broken spool file mid-content (the session is dropped:
+                # no final dot); the destination had accepted MAIL.
+                self._destination_up(copy.destination)
+                return _unreadable(message, copy, exc)
+        if attempt.mail_accepted:
+            self._destination_up(copy.destination)
         return attempt
 
-    def _finish(self, message: Message, copy: Copy, attempt: _Attempt, seconds: float) -> None:
+    def _finish(self, message: Message, copy: Copy, attempt: Attempt, seconds: float) -> None:
         """Apply an attempt's outcome to the copy, then journal and save it
         (in the threadpool, serialised per message). What the outcome is,
         policy.outcome decides."""
@@ -729,7 +671,7 @@ class Scheduler:
         })
 
     def _record_batch(
-        self, records: list[tuple[Message, Copy, _Attempt, list[str], list[str], str, float]],
+        self, records: list[tuple[Message, Copy, Attempt, list[str], list[str], str, float]],
     ) -> list[BaseException | None]:
         """In a worker thread: the file-system side of a batch of outcomes.
         Journal lines and dead letters go in order; then every message
@@ -877,18 +819,10 @@ def _retry(relay_config: RelayConfig) -> policy.Retry:
                         relay_config.retry_max_age_seconds)
 
 
-def _classify(attempt: _Attempt, recipients: Iterable[str], reply: Reply) -> None:
-    fate = policy.recipient_fate(reply)
-    target = attempt.delivered if fate == policy.DELIVERED else attempt.dead if fate == policy.DEAD else attempt.deferred
-    target.extend(recipients)
-
-
-def _rset(upstream: Upstream) -> None:
-    if upstream.connected:
-        try:
-            upstream.rset()
-        except UpstreamError:
-            pass
+def _unreadable(message: Message, copy: Copy, exc: OSError) -> Attempt:
+    """The attempt of a copy whose spool file cannot be read: deferred."""
+    log.error("spool_read_failed", extra={"queue_id": message.envelope.queue_id, "error": str(exc)})
+    return Attempt(deferred=list(copy.recipients), reply=Reply(451, "4.3.0", "spool file unreadable"))
 
 
 def _second(entry: tuple[float, str]) -> str:

@@ -17,6 +17,7 @@ FORBIDDEN = {
     "destination": {"gevent", "socket", "smtplib", "ssl", "logging", "yaml"},
     "report": {"gevent", "socket", "smtplib", "ssl"},
     "upstream": {"gevent"},
+    "transfer": {"gevent", "logging"},
 }
 # What of the package these modules may import.
 ALLOWED_LOCAL = {
@@ -28,6 +29,7 @@ ALLOWED_LOCAL = {
     "destination": set(),
     "report": {"spool"},
     "upstream": {"destination", "reply"},  # the SMTP client knows destinations, not configuration
+    "transfer": {"policy", "reply", "upstream"},
 }
 
 
