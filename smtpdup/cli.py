@@ -590,7 +590,8 @@ def _serve_sink(listen: HostPort, maildir_path: str, domain: str):
         maildir = Maildir(maildir_path)
     except OSError as exc:
         raise UsageError(f"cannot create maildir {maildir_path}: {exc.strerror or exc}") from None
-    server = SmtpServer(_sink_config(listen, domain), lambda client_ip: SinkSession(maildir, client_ip))
+    server = SmtpServer(config_module.Current(_sink_config(listen, domain)),
+                        lambda client_ip: SinkSession(maildir, client_ip))
     try:
         server.start()
     except OSError as exc:

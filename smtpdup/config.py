@@ -43,6 +43,7 @@ __all__ = [
     "SEARCH_PATHS",
     "Config",
     "ConfigError",
+    "Current",
     "LogConfig",
     "MetricsConfig",
     "RelayConfig",
@@ -387,6 +388,18 @@ class Config:
     log: LogConfig
     path: str | None  # the config file read (absolute), or None
     sources: Mapping[str, str]  # key -> "default", the file's path or an env var name
+
+
+class Current:
+    """The configuration in force in a process: one reference that the
+    listener, the relay and the scheduler share and read ``config`` from
+    where they use it, so that a reload (service.RelayService.reload)
+    replaces it for all of them with one assignment."""
+
+    __slots__ = ("config",)
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
 
 
 _SECTIONS: Final[dict[str, type]] = {

@@ -59,11 +59,11 @@ from typing import BinaryIO
 
 import gevent
 from gevent.event import Event
-from gevent.pool import Pool
+from gevent.pool import Group
 
 from . import logs, metrics, policy
 from .blocking import Batch, blocking
-from .config import Config, RelayConfig
+from .config import Current, RelayConfig
 from .destination import Destination
 from .reply import Reply
 from .spool import MEMORY_CONTENT_BYTES, Copy, Message, Spool
@@ -113,10 +113,15 @@ class _Down:
 
 
 class Scheduler:
-    def __init__(self, config: Config, spool: Spool) -> None:
-        self.config = config
+    def __init__(self, current: Current, spool: Spool) -> None:
+        self.current = current  # the configuration in force: current.config
         self.spool = spool
-        self.pool = Pool(config.relay.backup_concurrency)
+        # The backup pool: its size is relay.backup_concurrency as of now
+        # (see _free), so that a reload resizes it. A gevent Pool's size is
+        # fixed by the semaphore it is built with; this Group only tracks
+        # the workers, for stop().
+        self.pool = Group()
+        self._running = 0  # workers in the pool
         self._ready: dict[str, deque[str]] = defaultdict(deque)  # destination -> "qid/index"
         self._delayed: dict[str, list[tuple[float, str]]] = defaultdict(list)  # heaps of (due, "qid/index")
         self._live: dict[str, list] = {}  # qid -> [Message, copies queued or in flight]
@@ -361,7 +366,7 @@ class Scheduler:
                     messages = self._messages(keys)
                 except OSError as exc:
                     log.error("spool_read_failed", extra={"error": str(exc)})
-                    retry = now + self.config.relay.retry_initial_seconds
+                    retry = now + self.current.config.relay.retry_initial_seconds
                     for key in keys:
                         heapq.heappush(heap, (retry, key))
                     continue
@@ -406,19 +411,20 @@ class Scheduler:
     def _dispatch(self) -> None:
         """Start workers where copies wait and no idle worker is there, one
         destination after another in turn, each up to its share."""
-        while self.pool.free_count() > 0:
+        while self._free() > 0:
             started = False
             for dest, ready in self._ready.items():
                 if ready and len(ready) > self._idle[dest] and self._workers[dest] < self._share_of(dest):
-                    if self.pool.free_count() == 0:
+                    if self._free() <= 0:
                         return  # a finishing worker wakes the loop
                     self._workers[dest] += 1
+                    self._running += 1
                     self.pool.spawn(self._worker, dest)
                     self._idle[dest] += 1  # counted idle until it takes a copy
                     started = True
             if not started:
                 break
-        if self.pool.free_count() == 0:
+        if self._free() <= 0:
             for dest, ready in self._ready.items():
                 if ready and self._starving_for(dest):
                     # Idle workers elsewhere notice and give their slots up.
@@ -427,19 +433,33 @@ class Scheduler:
                             event.set()
                     break
 
+    def _free(self) -> int:
+        """How many more workers the pool takes: relay.backup_concurrency,
+        read anew so that a reload resizes the pool, less the workers
+        running (below zero after a reload made the pool smaller)."""
+        return self.current.config.relay.backup_concurrency - self._running
+
+    def reconfigure(self) -> None:
+        """A reload has replaced the configuration: a larger pool starts
+        workers where copies wait; in a smaller one, workers over its size
+        leave after their copy in flight (idle ones at once)."""
+        self._wake.set()
+        for event in self._work.values():
+            event.set()
+
     def _share_of(self, dest: str) -> int:
         """How many workers ``dest`` may hold: the whole pool while it is
         the only destination with work, else an equal share of it."""
         busy = sum(1 for d, ready in self._ready.items() if ready or self._workers[d])
         if not (self._ready[dest] or self._workers[dest]):
             busy += 1
-        return max(1, self.config.relay.backup_concurrency // max(1, busy))
+        return max(1, self.current.config.relay.backup_concurrency // max(1, busy))
 
     def _starving(self, dest: str) -> bool:
         """True when the pool is full and another destination has copies
         waiting under its share: a worker of ``dest`` that is idle, or over
         its own share, should give its slot up."""
-        if self.pool.free_count() > 0:
+        if self._free() > 0:
             return False
         return any(d != dest and self._starving_for(d) for d in self._ready)
 
@@ -457,6 +477,8 @@ class Scheduler:
         idle_until = None
         try:
             while not self._stopping:
+                if self._free() < 0:
+                    return  # a reload made the pool smaller
                 if self._starving(dest_name) and (
                     not ready or self._workers[dest_name] > self._share_of(dest_name)
                 ):
@@ -484,6 +506,7 @@ class Scheduler:
         finally:
             self._idle[dest_name] -= 1
             self._workers[dest_name] -= 1
+            self._running -= 1
             if upstream is not None:
                 upstream.quit()
             self._wake.set()
@@ -508,7 +531,7 @@ class Scheduler:
                 return upstream
             started = time.monotonic()
             if upstream is None or not upstream.connected:
-                upstream = Upstream.for_destination(destination, self.config.relay, self.config.smtp.domain)
+                upstream = Upstream.for_destination(destination, self.current.config.relay, self.current.config.smtp.domain)
                 try:
                     upstream.connect()
                 except UpstreamError as exc:
@@ -535,7 +558,7 @@ class Scheduler:
         save), to be promoted again when it answers."""
         down = self._down.get(dest_name)
         failures = 1 if down is None else down.failures + 1
-        delay = policy.retry_delay(failures, _retry(self.config.relay))
+        delay = policy.retry_delay(failures, _retry(self.current.config.relay))
         now = time.time()
         self._down[dest_name] = _Down(until=now + delay, failures=failures, reply=reply)
         ready = self._ready[dest_name]
@@ -560,7 +583,7 @@ class Scheduler:
     def _expire_down(self, now: float) -> None:
         """Dead-letter the copies of backed-off destinations that reached
         retry_max_age_seconds: nothing else would attempt them."""
-        max_age = self.config.relay.retry_max_age_seconds
+        max_age = self.current.config.relay.retry_max_age_seconds
         for dest in list(self._down):
             heap = self._delayed.get(dest)
             if not heap or _queue_time(min(heap, key=_second)[1]) + max_age > now:
@@ -639,7 +662,7 @@ class Scheduler:
         verdict = policy.outcome(
             refused=[(recipient, str(reply)) for recipient, reply in attempt.refused], dead=attempt.dead,
             deferred=attempt.deferred, reply=reply_text, attempts=copy.attempts, now=now,
-            received_at=envelope.received_at, retry=_retry(self.config.relay),
+            received_at=envelope.received_at, retry=_retry(self.current.config.relay),
         )
         dead, deferred, reason, outcome = verdict.dead, verdict.deferred, verdict.reason, verdict.name
         if dead:
@@ -731,7 +754,7 @@ class Scheduler:
         return _Blocks(_stream(f, length))
 
     def _destination(self, name: str) -> Destination | None:
-        for destination in self.config.relay.destination_backups:
+        for destination in self.current.config.relay.destination_backups:
             if destination.name == name:
                 return destination
         return None
@@ -742,7 +765,7 @@ class Scheduler:
         smallest key is the oldest copy (a C-level ``min``, no parsing)."""
         total = 0
         oldest_overall = None
-        for destination in self.config.relay.destination_backups:
+        for destination in self.current.config.relay.destination_backups:
             dest = destination.name
             ready, heap = self._ready.get(dest), self._delayed.get(dest)
             count = (len(ready) if ready else 0) + (len(heap) if heap else 0) + self._in_flight.get(dest, 0)
