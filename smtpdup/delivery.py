@@ -531,7 +531,8 @@ class Scheduler:
                 return upstream
             started = time.monotonic()
             if upstream is None or not upstream.connected:
-                upstream = Upstream.for_destination(destination, self.current.config.relay, self.current.config.smtp.domain)
+                config = self.current.config
+                upstream = Upstream.for_destination(destination, config.relay, config.smtp.domain)
                 try:
                     upstream.connect()
                 except UpstreamError as exc:

@@ -172,7 +172,8 @@ class BlankSupply:
 
 def _primary_key(config: Config) -> tuple:
     """Upstream.key() of a session to ``config``'s primary."""
-    return Upstream.key_for(config.relay.destination_primary, config.relay, config.smtp.domain)  # type: ignore[arg-type]
+    primary = config.relay.destination_primary
+    return Upstream.key_for(primary, config.relay, config.smtp.domain)  # type: ignore[arg-type]
 
 
 class PrimaryPool:

@@ -97,7 +97,10 @@ def send_copy(
 
 def _classify(attempt: Attempt, recipients: Iterable[str], reply: Reply) -> None:
     fate = policy.recipient_fate(reply)
-    target = attempt.delivered if fate == policy.DELIVERED else attempt.dead if fate == policy.DEAD else attempt.deferred
+    if fate == policy.DELIVERED:
+        target = attempt.delivered
+    else:
+        target = attempt.dead if fate == policy.DEAD else attempt.deferred
     target.extend(recipients)
 
 
