@@ -66,7 +66,7 @@ from .blocking import Batch, blocking
 from .config import Current, RelayConfig
 from .destination import Destination
 from .reply import Reply
-from .spool import MEMORY_CONTENT_BYTES, Copy, Message, Spool
+from .spool import MEMORY_CONTENT_BYTES, AttemptOutcome, Copy, Message, Spool
 from .transfer import Attempt, send_copy
 from .upstream import Upstream, UpstreamError
 
@@ -125,7 +125,7 @@ class Scheduler:
         self._ready: dict[str, deque[str]] = defaultdict(deque)  # destination -> "qid/index"
         self._delayed: dict[str, list[tuple[float, str]]] = defaultdict(list)  # heaps of (due, "qid/index")
         self._live: dict[str, list] = {}  # qid -> [Message, copies queued or in flight]
-        self._records = Batch(self._record_batch)
+        self._records: Batch[AttemptOutcome] = Batch(spool.record_outcomes)
         self._workers: dict[str, int] = defaultdict(int)
         self._idle: dict[str, int] = defaultdict(int)
         self._in_flight: dict[str, int] = defaultdict(int)  # copies being attempted
@@ -643,9 +643,9 @@ class Scheduler:
         return attempt
 
     def _finish(self, message: Message, copy: Copy, attempt: Attempt, seconds: float) -> None:
-        """Apply an attempt's outcome to the copy, then journal and save it
-        (in the threadpool, serialised per message). What the outcome is,
-        policy.outcome decides."""
+        """Apply an attempt's outcome to the copy, then have the spool
+        record it (Spool.record_outcomes, in the threadpool, serialised per
+        message). What the outcome is, policy.outcome decides."""
         envelope = message.envelope
         now = time.time()
         dest = copy.destination
@@ -660,8 +660,9 @@ class Scheduler:
                 "recipient": recipient, "reply": str(reply),
             })
             metrics.BACKUP_REFUSED_RECIPIENTS.labels(dest).inc()
+        refused = [(recipient, str(reply)) for recipient, reply in attempt.refused]
         verdict = policy.outcome(
-            refused=[(recipient, str(reply)) for recipient, reply in attempt.refused], dead=attempt.dead,
+            refused=refused, dead=attempt.dead,
             deferred=attempt.deferred, reply=reply_text, attempts=copy.attempts, now=now,
             received_at=envelope.received_at, retry=_retry(self.current.config.relay),
         )
@@ -680,7 +681,8 @@ class Scheduler:
             # Batched: outcomes recorded one after another in one thread,
             # so the saves of a message never overtake each other; the
             # worker goes on only once its outcome is on disk.
-            self._records((message, copy, attempt, dead, deferred, reason, now))
+            self._records(AttemptOutcome(message, copy, attempt.delivered, deferred, refused, dead, reply_text,
+                                         reason, now))
         except OSError as exc:
             # The outcome could not be written: the copy stays as it was on
             # disk and is tried again after a restart, if not sooner.
@@ -693,43 +695,6 @@ class Scheduler:
             "delivered": len(attempt.delivered), "deferred": len(deferred), "dead": len(dead),
             "duration_ms": round(seconds * 1000, 1),
         })
-
-    def _record_batch(
-        self, records: list[tuple[Message, Copy, Attempt, list[str], list[str], str, float]],
-    ) -> list[BaseException | None]:
-        """In a worker thread: the file-system side of a batch of outcomes.
-        Journal lines and dead letters go in order; then every message
-        touched is saved once, after its last outcome in the batch (state
-        is cumulative, so one save records them all). An error fails the
-        outcomes of its message only."""
-        spool = self.spool
-        errors: list[BaseException | None] = [None] * len(records)
-        last: dict[int, int] = {}  # id(message) -> index of its last record
-        for i, (message, copy, attempt, dead, deferred, reason, now) in enumerate(records):
-            last[id(message)] = i
-            try:
-                if attempt.delivered:
-                    spool.journal_delivered(message, copy, attempt.delivered)
-                if deferred:
-                    spool.journal_deferred(message, copy, deferred, str(attempt.reply or ""))
-                for recipient, reply in attempt.refused:
-                    spool.journal_refused(message, copy, recipient, str(reply))
-                if dead:
-                    try:
-                        spool.dead_letter(message, copy, dead, reason, now)
-                    except FileNotFoundError:
-                        pass  # deleted with `queue delete` meanwhile
-            except OSError as exc:
-                errors[i] = exc
-        for i in sorted(last.values()):
-            message = records[i][0]
-            try:
-                spool.save(message)
-            except OSError as exc:
-                for j, record in enumerate(records):
-                    if record[0] is message and errors[j] is None:
-                        errors[j] = exc
-        return errors
 
     def _open_content(self, message: Message) -> _Blocks:
         """In a worker thread: the content of ``message``. Small content is
