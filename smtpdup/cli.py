@@ -24,7 +24,8 @@ import time  # noqa: E402
 from . import __version__  # noqa: E402
 from . import config as config_module  # noqa: E402
 from . import logs  # noqa: E402
-from .config import Config, ConfigError, HostPort, parse_hostport  # noqa: E402
+from .config import Config, ConfigError  # noqa: E402
+from .destination import HostPort, parse_destination, parse_hostport  # noqa: E402
 from .spool import SpoolError  # noqa: E402
 
 EXIT_OK = 0
@@ -244,9 +245,7 @@ def _check_connect(config: Config) -> int:
     assert relay.destination_primary is not None
     destinations = [("primary", relay.destination_primary)]
     destinations += [("backup", backup) for backup in relay.destination_backups]
-    jobs = [gevent.spawn(probe, destination, timeout_seconds=relay.timeout_seconds,
-                         local_hostname=config.smtp.domain, tls_ca_file=relay.tls_ca_file)
-            for _, destination in destinations]
+    jobs = [gevent.spawn(probe, destination, relay, config.smtp.domain) for _, destination in destinations]
     gevent.joinall(jobs)
     failed = []
     for (role, destination), job in zip(destinations, jobs):
@@ -413,7 +412,7 @@ def _check_destination(destination: str, config: Config, entries) -> str:
     if destination in known:
         return destination
     try:
-        name = config_module.parse_destination(destination).name
+        name = parse_destination(destination).name
     except (ValueError, TypeError):
         name = None
     if name in known:
@@ -591,7 +590,8 @@ def _serve_sink(listen: HostPort, maildir_path: str, domain: str):
         maildir = Maildir(maildir_path)
     except OSError as exc:
         raise UsageError(f"cannot create maildir {maildir_path}: {exc.strerror or exc}") from None
-    server = SmtpServer(_sink_config(listen, domain), lambda client_ip: SinkSession(maildir, client_ip))
+    server = SmtpServer(config_module.Current(_sink_config(listen, domain)),
+                        lambda client_ip: SinkSession(maildir, client_ip))
     try:
         server.start()
     except OSError as exc:

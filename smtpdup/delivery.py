@@ -54,18 +54,20 @@ import itertools
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import gevent
 from gevent.event import Event
-from gevent.pool import Pool
+from gevent.pool import Group
 
 from . import logs, metrics, policy
 from .blocking import Batch, blocking
-from .config import Config, Destination, RelayConfig
+from .config import Current, RelayConfig
+from .destination import Destination
 from .reply import Reply
-from .spool import MEMORY_CONTENT_BYTES, Copy, Message, Spool
+from .spool import MEMORY_CONTENT_BYTES, AttemptOutcome, Copy, Message, Spool
+from .transfer import Attempt, send_copy
 from .upstream import Upstream, UpstreamError
 
 log = logs.get("delivery")
@@ -102,18 +104,6 @@ LAG_SAMPLE_SECONDS = 0.05
 
 
 @dataclass(slots=True)
-class _Attempt:
-    """What one attempt did with each recipient of a copy."""
-
-    delivered: list[str] = field(default_factory=list)
-    deferred: list[str] = field(default_factory=list)
-    refused: list[tuple[str, Reply]] = field(default_factory=list)  # RCPT-level 5xx
-    dead: list[str] = field(default_factory=list)  # whole-copy 5xx
-    reply: Reply | None = None  # the reply that decided the attempt
-    site_failure: bool = False  # the destination failed as a whole (see _Down)
-
-
-@dataclass(slots=True)
 class _Down:
     """A destination backed off after a site failure."""
 
@@ -123,14 +113,19 @@ class _Down:
 
 
 class Scheduler:
-    def __init__(self, config: Config, spool: Spool) -> None:
-        self.config = config
+    def __init__(self, current: Current, spool: Spool) -> None:
+        self.current = current  # the configuration in force: current.config
         self.spool = spool
-        self.pool = Pool(config.relay.backup_concurrency)
+        # The backup pool: its size is relay.backup_concurrency as of now
+        # (see _free), so that a reload resizes it. A gevent Pool's size is
+        # fixed by the semaphore it is built with; this Group only tracks
+        # the workers, for stop().
+        self.pool = Group()
+        self._running = 0  # workers in the pool
         self._ready: dict[str, deque[str]] = defaultdict(deque)  # destination -> "qid/index"
         self._delayed: dict[str, list[tuple[float, str]]] = defaultdict(list)  # heaps of (due, "qid/index")
         self._live: dict[str, list] = {}  # qid -> [Message, copies queued or in flight]
-        self._records = Batch(self._record_batch)
+        self._records: Batch[AttemptOutcome] = Batch(spool.record_outcomes)
         self._workers: dict[str, int] = defaultdict(int)
         self._idle: dict[str, int] = defaultdict(int)
         self._in_flight: dict[str, int] = defaultdict(int)  # copies being attempted
@@ -371,7 +366,7 @@ class Scheduler:
                     messages = self._messages(keys)
                 except OSError as exc:
                     log.error("spool_read_failed", extra={"error": str(exc)})
-                    retry = now + self.config.relay.retry_initial_seconds
+                    retry = now + self.current.config.relay.retry_initial_seconds
                     for key in keys:
                         heapq.heappush(heap, (retry, key))
                     continue
@@ -416,19 +411,20 @@ class Scheduler:
     def _dispatch(self) -> None:
         """Start workers where copies wait and no idle worker is there, one
         destination after another in turn, each up to its share."""
-        while self.pool.free_count() > 0:
+        while self._free() > 0:
             started = False
             for dest, ready in self._ready.items():
                 if ready and len(ready) > self._idle[dest] and self._workers[dest] < self._share_of(dest):
-                    if self.pool.free_count() == 0:
+                    if self._free() <= 0:
                         return  # a finishing worker wakes the loop
                     self._workers[dest] += 1
+                    self._running += 1
                     self.pool.spawn(self._worker, dest)
                     self._idle[dest] += 1  # counted idle until it takes a copy
                     started = True
             if not started:
                 break
-        if self.pool.free_count() == 0:
+        if self._free() <= 0:
             for dest, ready in self._ready.items():
                 if ready and self._starving_for(dest):
                     # Idle workers elsewhere notice and give their slots up.
@@ -437,19 +433,33 @@ class Scheduler:
                             event.set()
                     break
 
+    def _free(self) -> int:
+        """How many more workers the pool takes: relay.backup_concurrency,
+        read anew so that a reload resizes the pool, less the workers
+        running (below zero after a reload made the pool smaller)."""
+        return self.current.config.relay.backup_concurrency - self._running
+
+    def reconfigure(self) -> None:
+        """A reload has replaced the configuration: a larger pool starts
+        workers where copies wait; in a smaller one, workers over its size
+        leave after their copy in flight (idle ones at once)."""
+        self._wake.set()
+        for event in self._work.values():
+            event.set()
+
     def _share_of(self, dest: str) -> int:
         """How many workers ``dest`` may hold: the whole pool while it is
         the only destination with work, else an equal share of it."""
         busy = sum(1 for d, ready in self._ready.items() if ready or self._workers[d])
         if not (self._ready[dest] or self._workers[dest]):
             busy += 1
-        return max(1, self.config.relay.backup_concurrency // max(1, busy))
+        return max(1, self.current.config.relay.backup_concurrency // max(1, busy))
 
     def _starving(self, dest: str) -> bool:
         """True when the pool is full and another destination has copies
         waiting under its share: a worker of ``dest`` that is idle, or over
         its own share, should give its slot up."""
-        if self.pool.free_count() > 0:
+        if self._free() > 0:
             return False
         return any(d != dest and self._starving_for(d) for d in self._ready)
 
@@ -468,6 +478,8 @@ class Scheduler:
         idle_until = None
         try:
             while not self._stopping:
+                if self._free() < 0:
+                    return  # a reload made the pool smaller
                 if self._starving(dest_name) and (
                     not ready or self._workers[dest_name] > self._share_of(dest_name)
                 ):
@@ -497,6 +509,7 @@ class Scheduler:
         finally:
             self._idle[dest_name] -= 1
             self._workers[dest_name] -= 1
+            self._running -= 1
             if upstream is not None:
                 upstream.quit()
             self._wake.set()
@@ -514,24 +527,20 @@ class Scheduler:
                 return upstream
             destination = self._destination(dest_name)
             if destination is None:
-                self._finish(message, copy, _Attempt(
+                self._finish(message, copy, Attempt(
                     deferred=list(copy.recipients),
                     reply=Reply(451, "4.3.5", f"{dest_name} is no longer configured"),
                 ), 0.0)
                 return upstream
             started = time.monotonic()
             if upstream is None or not upstream.connected:
-                upstream = Upstream(
-                    destination,
-                    timeout_seconds=self.config.relay.timeout_seconds,
-                    local_hostname=self.config.smtp.domain,
-                    tls_ca_file=self.config.relay.tls_ca_file,
-                )
+                config = self.current.config
+                upstream = Upstream.for_destination(destination, config.relay, config.smtp.domain)
                 try:
                     upstream.connect()
                 except UpstreamError as exc:
-                    attempt = _Attempt(deferred=list(copy.recipients), reply=exc.reply,
-                                       site_failure=policy.is_site_failure(None))
+                    attempt = Attempt(deferred=list(copy.recipients), reply=exc.reply,
+                                      site_failure=policy.is_site_failure(None))
                     self._finish(message, copy, attempt, time.monotonic() - started)
                     self._back_off(dest_name, exc.reply)
                     return None
@@ -553,7 +562,7 @@ class Scheduler:
         save), to be promoted again when it answers."""
         down = self._down.get(dest_name)
         failures = 1 if down is None else down.failures + 1
-        delay = policy.retry_delay(failures, _retry(self.config.relay))
+        delay = policy.retry_delay(failures, _retry(self.current.config.relay))
         now = time.time()
         self._down[dest_name] = _Down(until=now + delay, failures=failures, reply=reply)
         ready = self._ready[dest_name]
@@ -578,7 +587,7 @@ class Scheduler:
     def _expire_down(self, now: float) -> None:
         """Dead-letter the copies of backed-off destinations that reached
         retry_max_age_seconds: nothing else would attempt them."""
-        max_age = self.config.relay.retry_max_age_seconds
+        max_age = self.current.config.relay.retry_max_age_seconds
         for dest in list(self._down):
             heap = self._delayed.get(dest)
             if not heap or _queue_time(min(heap, key=_second)[1]) + max_age > now:
@@ -603,11 +612,11 @@ class Scheduler:
                     if message is None or index >= len(message.copies) or message.copies[index].settled:
                         continue
                     copy = message.copies[index]
-                    self._finish(message, copy, _Attempt(deferred=list(copy.recipients), reply=reply), 0.0)
+                    self._finish(message, copy, Attempt(deferred=list(copy.recipients), reply=reply), 0.0)
 
-    def _transfer(self, upstream: Upstream, message: Message, copy: Copy) -> _Attempt:
-        """MAIL, RCPTs, DATA and content for one copy over an open session."""
-        attempt = _Attempt()
+    def _transfer(self, upstream: Upstream, message: Message, copy: Copy) -> Attempt:
+        """One copy over an open session: its content opened (in memory,
+        from the page cache, or in the threadpool), then sent (send_copy)."""
         envelope = message.envelope
         try:
             if message.content is not None or time.time() - envelope.received_at < FRESH_SECONDS:
@@ -615,78 +624,31 @@ class Scheduler:
             else:
                 content = blocking(self._open_content, message)
         except FileNotFoundError:
-            attempt.reply = Reply(250, "2.0.0", "deleted from the queue")
-            return attempt  # nothing left to deliver: settles the copy
+            # Nothing left to deliver: settles the copy.
+            return Attempt(reply=Reply(250, "2.0.0", "deleted from the queue"))
         except OSError as exc:
-            log.error("spool_read_failed", extra={"queue_id": envelope.queue_id, "error": str(exc)})
-            attempt.deferred = list(copy.recipients)
-            attempt.reply = Reply(451, "4.3.0", "spool file unreadable")
-            return attempt
+            return _unreadable(message, copy, exc)
+        params: dict[str, str | None] = {"SIZE": str(message.content_length)}
+        if envelope.smtputf8:
+            params["SMTPUTF8"] = None
+        if envelope.body:
+            params["BODY"] = envelope.body
         with content:
             try:
-                params: dict[str, str | None] = {"SIZE": str(message.content_length)}
-                if envelope.smtputf8:
-                    params["SMTPUTF8"] = None
-                if envelope.body:
-                    params["BODY"] = envelope.body
-                mail, rcpts, data = upstream.open_transaction(envelope.sender, params, copy.recipients)
-                if not mail.is_completed:
-                    attempt.reply = mail
-                    attempt.site_failure = policy.is_site_failure(mail)
-                    _classify(attempt, copy.recipients, mail)
-                    _rset(upstream)
-                    return attempt
-                self._destination_up(copy.destination)
-                accepted = []
-                for recipient, reply in zip(copy.recipients, rcpts):
-                    fate = policy.recipient_fate(reply)
-                    if fate == policy.DELIVERED:
-                        accepted.append(recipient)
-                    elif fate == policy.DEAD:
-                        attempt.refused.append((recipient, reply))
-                    else:
-                        attempt.deferred.append(recipient)
-                        attempt.reply = reply
-                if not accepted:
-                    _rset(upstream)
-                    attempt.reply = attempt.reply or (attempt.refused[0][1] if attempt.refused else rcpts[-1])
-                    return attempt
-                if data is None or data.code != 354:
-                    reply = data or Reply(451, "4.4.2", "DATA not accepted")
-                    attempt.reply = reply
-                    _classify(attempt, accepted, reply)
-                    _rset(upstream)
-                    return attempt
-                # Content streams block by block; the last block leaves
-                # with the final dot, in one write.
-                tail = b"\r\n"
-                last = b""
-                for block in content:
-                    if last:
-                        upstream.send(last)
-                    last = block
-                    tail = (tail + block[-2:])[-2:]
-                reply = upstream.end_data(tail == b"\r\n", last)
-                attempt.reply = reply
-                _classify(attempt, accepted, reply)
-            except UpstreamError as exc:
-                done = set(attempt.delivered) | set(attempt.deferred) | set(attempt.dead)
-                done |= {r for r, _ in attempt.refused}
-                attempt.deferred.extend(r for r in copy.recipients if r not in done)
-                attempt.reply = exc.reply
-                attempt.site_failure = policy.is_site_failure(None)
+                attempt = send_copy(upstream, envelope.sender, params, copy.recipients, content)
             except OSError as exc:
-                # A broken spool file: never send a final dot for it.
-                upstream.abort()
-                log.error("spool_read_failed", extra={"queue_id": envelope.queue_id, "error": str(exc)})
-                attempt.deferred = list(copy.recipients)
-                attempt.reply = Reply(451, "4.3.0", "spool file unreadable")
+                # A broken spool file mid-content (the session is dropped:
+                # no final dot); the destination had accepted MAIL.
+                self._destination_up(copy.destination)
+                return _unreadable(message, copy, exc)
+        if attempt.mail_accepted:
+            self._destination_up(copy.destination)
         return attempt
 
-    def _finish(self, message: Message, copy: Copy, attempt: _Attempt, seconds: float) -> None:
-        """Apply an attempt's outcome to the copy, then journal and save it
-        (in the threadpool, serialised per message). What the outcome is,
-        policy.outcome decides."""
+    def _finish(self, message: Message, copy: Copy, attempt: Attempt, seconds: float) -> None:
+        """Apply an attempt's outcome to the copy, then have the spool
+        record it (Spool.record_outcomes, in the threadpool, serialised per
+        message). What the outcome is, policy.outcome decides."""
         envelope = message.envelope
         now = time.time()
         dest = copy.destination
@@ -701,10 +663,11 @@ class Scheduler:
                 "recipient": recipient, "reply": str(reply),
             })
             metrics.BACKUP_REFUSED_RECIPIENTS.labels(dest).inc()
+        refused = [(recipient, str(reply)) for recipient, reply in attempt.refused]
         verdict = policy.outcome(
-            refused=[(recipient, str(reply)) for recipient, reply in attempt.refused], dead=attempt.dead,
+            refused=refused, dead=attempt.dead,
             deferred=attempt.deferred, reply=reply_text, attempts=copy.attempts, now=now,
-            received_at=envelope.received_at, retry=_retry(self.config.relay),
+            received_at=envelope.received_at, retry=_retry(self.current.config.relay),
         )
         dead, deferred, reason, outcome = verdict.dead, verdict.deferred, verdict.reason, verdict.name
         if dead:
@@ -721,7 +684,8 @@ class Scheduler:
             # Batched: outcomes recorded one after another in one thread,
             # so the saves of a message never overtake each other; the
             # worker goes on only once its outcome is on disk.
-            self._records((message, copy, attempt, dead, deferred, reason, now))
+            self._records(AttemptOutcome(message, copy, attempt.delivered, deferred, refused, dead, reply_text,
+                                         reason, now))
         except OSError as exc:
             # The outcome could not be written: the copy stays as it was on
             # disk and is tried again after a restart, if not sooner.
@@ -734,43 +698,6 @@ class Scheduler:
             "delivered": len(attempt.delivered), "deferred": len(deferred), "dead": len(dead),
             "duration_ms": round(seconds * 1000, 1),
         })
-
-    def _record_batch(
-        self, records: list[tuple[Message, Copy, _Attempt, list[str], list[str], str, float]],
-    ) -> list[BaseException | None]:
-        """In a worker thread: the file-system side of a batch of outcomes.
-        Journal lines and dead letters go in order; then every message
-        touched is saved once, after its last outcome in the batch (state
-        is cumulative, so one save records them all). An error fails the
-        outcomes of its message only."""
-        spool = self.spool
-        errors: list[BaseException | None] = [None] * len(records)
-        last: dict[int, int] = {}  # id(message) -> index of its last record
-        for i, (message, copy, attempt, dead, deferred, reason, now) in enumerate(records):
-            last[id(message)] = i
-            try:
-                if attempt.delivered:
-                    spool.journal_delivered(message, copy, attempt.delivered)
-                if deferred:
-                    spool.journal_deferred(message, copy, deferred, str(attempt.reply or ""))
-                for recipient, reply in attempt.refused:
-                    spool.journal_refused(message, copy, recipient, str(reply))
-                if dead:
-                    try:
-                        spool.dead_letter(message, copy, dead, reason, now)
-                    except FileNotFoundError:
-                        pass  # deleted with `queue delete` meanwhile
-            except OSError as exc:
-                errors[i] = exc
-        for i in sorted(last.values()):
-            message = records[i][0]
-            try:
-                spool.save(message)
-            except OSError as exc:
-                for j, record in enumerate(records):
-                    if record[0] is message and errors[j] is None:
-                        errors[j] = exc
-        return errors
 
     def _open_content(self, message: Message) -> _Blocks:
         """In a worker thread: the content of ``message``. Small content is
@@ -796,7 +723,7 @@ class Scheduler:
         return _Blocks(_stream(f, length))
 
     def _destination(self, name: str) -> Destination | None:
-        for destination in self.config.relay.destination_backups:
+        for destination in self.current.config.relay.destination_backups:
             if destination.name == name:
                 return destination
         return None
@@ -807,7 +734,7 @@ class Scheduler:
         smallest key is the oldest copy (a C-level ``min``, no parsing)."""
         total = 0
         oldest_overall = None
-        for destination in self.config.relay.destination_backups:
+        for destination in self.current.config.relay.destination_backups:
             dest = destination.name
             ready, heap = self._ready.get(dest), self._delayed.get(dest)
             count = (len(ready) if ready else 0) + (len(heap) if heap else 0) + self._in_flight.get(dest, 0)
@@ -884,18 +811,10 @@ def _retry(relay_config: RelayConfig) -> policy.Retry:
                         relay_config.retry_max_age_seconds)
 
 
-def _classify(attempt: _Attempt, recipients: Iterable[str], reply: Reply) -> None:
-    fate = policy.recipient_fate(reply)
-    target = attempt.delivered if fate == policy.DELIVERED else attempt.dead if fate == policy.DEAD else attempt.deferred
-    target.extend(recipients)
-
-
-def _rset(upstream: Upstream) -> None:
-    if upstream.connected:
-        try:
-            upstream.rset()
-        except UpstreamError:
-            pass
+def _unreadable(message: Message, copy: Copy, exc: OSError) -> Attempt:
+    """The attempt of a copy whose spool file cannot be read: deferred."""
+    log.error("spool_read_failed", extra={"queue_id": message.envelope.queue_id, "error": str(exc)})
+    return Attempt(deferred=list(copy.recipients), reply=Reply(451, "4.3.0", "spool file unreadable"))
 
 
 def _second(entry: tuple[float, str]) -> str:

@@ -246,7 +246,7 @@ def supervisor_registry(metrics_dir: str, pids: Callable[[], Iterable[int]]) -> 
 
 
 class HostPort(Protocol):
-    """What ``serve`` needs of ``smtpdup.config.HostPort``."""
+    """What ``serve`` needs of ``smtpdup.destination.HostPort``."""
 
     @property
     def host(self) -> str: ...

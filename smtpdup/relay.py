@@ -35,7 +35,8 @@ import gevent
 
 from . import logs, metrics
 from .blocking import Batch, blocking
-from .config import Config, Destination
+from .config import Config, Current
+from .destination import Destination
 from .reply import LOCAL_ERROR, PRIMARY_UNAVAILABLE, Reply
 from .spool import Blank, Envelope, Message, Spool, SpoolFile, Target, new_queue_id
 from .upstream import Upstream, UpstreamError
@@ -170,9 +171,9 @@ class BlankSupply:
 
 
 def _primary_key(config: Config) -> tuple:
-    """Upstream.key() of a session to the configured primary."""
-    relay = config.relay
-    return (relay.destination_primary, relay.timeout_seconds, config.smtp.domain, relay.tls_ca_file)
+    """Upstream.key() of a session to ``config``'s primary."""
+    primary = config.relay.destination_primary
+    return Upstream.key_for(primary, config.relay, config.smtp.domain)  # type: ignore[arg-type]
 
 
 class PrimaryPool:
@@ -191,8 +192,9 @@ class PrimaryPool:
     longer than POOL_IDLE_SECONDS).
     """
 
-    def __init__(self, config: Config) -> None:
-        self._key = _primary_key(config)
+    def __init__(self, current: Current) -> None:
+        self._current = current
+        self.key = _primary_key(current.config)  # Upstream.key() of a session it pools
         self._idle: list[tuple[float, Upstream]] = []  # oldest first
         self._sweeper: gevent.Greenlet | None = None
         self.closed = False
@@ -200,12 +202,9 @@ class PrimaryPool:
     def __len__(self) -> int:
         return len(self._idle)
 
-    def take(self, config: Config) -> Upstream:
+    def take(self) -> Upstream:
         """A pooled session to the configured primary (connected when it
         was idle), else a new one, not connected yet."""
-        key = _primary_key(config)
-        if key != self._key:
-            self.reconfigure(config)
         idle = self._idle
         if idle:
             since, upstream = idle.pop()
@@ -215,9 +214,9 @@ class PrimaryPool:
             idle.append((since, upstream))
             self._quit_all(idle)
             idle.clear()
-        destination, timeout, domain, ca_file = key
-        assert destination is not None
-        return Upstream(destination, timeout_seconds=timeout, local_hostname=domain, tls_ca_file=ca_file)
+        config = self._current.config
+        assert config.relay.destination_primary is not None
+        return Upstream.for_destination(config.relay.destination_primary, config.relay, config.smtp.domain)
 
     def give(self, upstream: Upstream) -> None:
         """Take ``upstream`` back from a client session that is done with
@@ -225,7 +224,7 @@ class PrimaryPool:
         if not upstream.reusable:
             upstream.abort()
             return
-        if self.closed or upstream.key() != self._key or len(self._idle) >= POOL_MAX_IDLE:
+        if self.closed or upstream.key() != self.key or len(self._idle) >= POOL_MAX_IDLE:
             upstream.quit()
             return
         if upstream.in_transaction:
@@ -243,12 +242,13 @@ class PrimaryPool:
         if self._sweeper is None:
             self._sweeper = gevent.spawn(self._sweep)
 
-    def reconfigure(self, config: Config) -> None:
-        """A reload: sessions to a primary no longer configured (or with
-        other settings) are QUIT; those in use are closed when given back."""
-        key = _primary_key(config)
-        if key != self._key:
-            self._key = key
+    def reconfigure(self) -> None:
+        """A reload has replaced the configuration: sessions to a primary no
+        longer configured (or with other settings) are QUIT; those in use
+        are closed when given back."""
+        key = _primary_key(self._current.config)
+        if key != self.key:
+            self.key = key
             self._quit_all(self._idle)
             self._idle = []
 
@@ -287,14 +287,15 @@ class PrimaryPool:
 
 
 class Relay:
-    """What every relay session shares: the configuration (replaced whole
-    on reload), the spool, the group commit and the delivery hand-off."""
+    """What every relay session shares: the configuration in force
+    (``current.config``, replaced whole on reload), the spool, the group
+    commit, the primary pool and the delivery hand-off."""
 
     def __init__(
-        self, config: Config, spool: Spool, submit: Callable[[Message], None],
+        self, current: Current, spool: Spool, submit: Callable[[Message], None],
         flow_delay: Callable[[], None] = lambda: None,
     ) -> None:
-        self.config = config
+        self.current = current
         self.spool = spool
         self.submit = submit
         self.flow_delay = flow_delay  # inflow control: may wait before a transaction
@@ -306,12 +307,12 @@ class Relay:
         self.sync: Callable[[SpoolFile], None] = lambda spool_file: work((spool_file, False))
         self.commit_durable: Callable[[SpoolFile], None] = lambda spool_file: work((spool_file, True))
         self.blanks = BlankSupply(spool)
-        self.pool = PrimaryPool(config)
+        self.pool = PrimaryPool(current)
 
-    def reconfigure(self, config: Config) -> None:
-        """A reload: sessions that start from now on use ``config``."""
-        self.config = config
-        self.pool.reconfigure(config)
+    @property
+    def config(self) -> Config:
+        """The configuration in force."""
+        return self.current.config
 
     def session(self, client_ip: str) -> RelaySession:
         return RelaySession(self, client_ip)
@@ -407,10 +408,10 @@ class RelaySession:
         relay = self.relay
         primary = self._primary
         if primary is not None:
-            if primary.reusable and not primary.in_transaction and primary.key() == _primary_key(relay.config):
+            if primary.reusable and not primary.in_transaction and primary.key() == relay.pool.key:
                 return primary
             relay.pool.give(primary)  # RSET, dropped or QUIT, as it must
-        primary = self._primary = relay.pool.take(relay.config)
+        primary = self._primary = relay.pool.take()
         return primary
 
     def _primary_failed(self, exc: UpstreamError) -> Reply:

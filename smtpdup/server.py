@@ -20,7 +20,7 @@ import gevent
 from gevent.server import StreamServer
 
 from . import logs, metrics
-from .config import Config
+from .config import Config, Current
 from .preflight import server_tls_context
 from .protocol import Limits
 from .reply import ACCESS_DENIED, SHUTTING_DOWN, TOO_MANY_CONNECTIONS
@@ -46,16 +46,19 @@ def limits_for(config: Config, tls: bool) -> Limits:
 class SmtpServer:
     def __init__(
         self,
-        config: Config,
+        current: Current,
         backend_factory: Callable[[str], Backend],
         *,
         listener: socket.socket | None = None,
     ) -> None:
+        """``current`` holds the configuration in force (``current.config``),
+        read anew for every connection."""
+        self.current = current
         self.backend_factory = backend_factory
         self.sessions: dict[Session, gevent.Greenlet] = {}
         self.draining = False
-        self.reconfigure(config)
-        listen = config.smtp.listen
+        self.reconfigure(current.config)
+        listen = current.config.smtp.listen
         # Plain greenlets: a Pool would cost each idle session ~800 bytes,
         # and ``sessions`` already tracks them for the drain.
         self._server = StreamServer(
@@ -64,9 +67,11 @@ class SmtpServer:
         )
 
     def reconfigure(self, config: Config) -> None:
-        """Apply a new configuration to sessions that start from now on."""
+        """Build what ``config`` needs beyond its values, the STARTTLS
+        context and the protocol limits, for sessions that start from now
+        on; a reload calls this before it swaps ``current.config``. Raises
+        ConfigError for a certificate or key that cannot be used."""
         tls_context = server_tls_context(config)
-        self.config = config
         self.tls_context = tls_context
         self.limits = limits_for(config, tls_context is not None)
 
@@ -80,7 +85,7 @@ class SmtpServer:
 
     def _handle(self, sock: socket.socket, address: tuple) -> None:
         client_ip = address[0]
-        smtp = self.config.smtp
+        smtp = self.current.config.smtp
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:

@@ -20,7 +20,7 @@ from gevent.event import Event
 from . import config as config_module
 from . import logs, metrics, notify
 from .blocking import log_hub_errors
-from .config import Config, ConfigError
+from .config import Config, ConfigError, Current
 from .delivery import Scheduler
 from .preflight import check_ca_file
 from .relay import Relay
@@ -62,16 +62,23 @@ class RelayService:
         of the pending copies, and no metrics endpoint of its own (the
         supervisor serves every worker's). A single process recovers the
         spool itself; workers find it recovered by the supervisor."""
-        self.config = config
+        # The one holder of the configuration in force, shared by the
+        # scheduler, the relay and the listener: see reload().
+        self.current = Current(config)
         self.spool = Spool(config.relay.spool_dir)
         self.recovered_files = self.spool.recover() if share == (0, 1) else 0
         self.share = share
         self.serve_metrics = serve_metrics
-        self.scheduler = Scheduler(config, self.spool)
-        self.relay = Relay(config, self.spool, self.scheduler.submit, self.scheduler.flow_delay)
-        self.server = SmtpServer(config, self.relay.session, listener=listener)
+        self.scheduler = Scheduler(self.current, self.spool)
+        self.relay = Relay(self.current, self.spool, self.scheduler.submit, self.scheduler.flow_delay)
+        self.server = SmtpServer(self.current, self.relay.session, listener=listener)
         self.draining = False
         self._http = None
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force."""
+        return self.current.config
 
     @property
     def address(self) -> tuple[str, int]:
@@ -99,12 +106,17 @@ class RelayService:
 
     def reload(self, new: Config) -> None:
         """Apply a new configuration without dropping sessions. Raises
-        ConfigError (the old configuration stays) for an unusable one."""
+        ConfigError (the old configuration stays) for an unusable one.
+
+        Every part reads the configuration from ``current``: one assignment
+        replaces it for all. What is built from it is rebuilt here: the
+        listener's TLS context and limits (first, as it may fail), the
+        idle sessions to the primary, the size of the backup pool."""
         check_ca_file(new)
         self.server.reconfigure(new)
-        old, self.config = self.config, new
-        self.relay.reconfigure(new)
-        self.scheduler.config = new
+        old, self.current.config = self.current.config, new
+        self.relay.pool.reconfigure()
+        self.scheduler.reconfigure()
         metrics.declare_destinations(b.name for b in new.relay.destination_backups)
         if new.smtp.listen != old.smtp.listen or new.relay.spool_dir != old.relay.spool_dir:
             log.warning("reload_needs_restart", extra={"keys": "smtp.listen, relay.spool_dir"})

@@ -61,8 +61,8 @@ Why "a copy the sender was told is delivered is never lost" holds:
 * A message file is removed only by ``save`` once every copy is settled
   (delivered to every recipient, or dead-lettered), or by an operator's
   ``delete``. Dead letters hard-link the content into ``dead/`` and fsync
-  ``dead/`` before the caller can settle the copy, so content survives the
-  removal of ``msg/<qid>`` without being copied.
+  ``dead/`` before ``record_outcomes`` saves the settled copy, so content
+  survives the removal of ``msg/<qid>`` without being copied.
 * Small content is also handed to the delivery in memory
   (``Message.content``): the same bytes as on disk, used only while the
   message is queued; nothing about durability depends on it.
@@ -114,9 +114,10 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Mapping, Sequence
+from typing import BinaryIO, Iterator, Mapping, NamedTuple, Sequence
 
 __all__ = [
+    "AttemptOutcome",
     "Copy",
     "DeadLetter",
     "Entry",
@@ -250,6 +251,23 @@ class Message:
     def pending(self) -> list[Copy]:
         """Copies not settled yet."""
         return [c for c in self.copies if not c.settled]
+
+
+class AttemptOutcome(NamedTuple):
+    """One delivery attempt at a copy, as ``record_outcomes`` records it
+    (a tuple: built per attempt on the event loop). ``copy`` in memory
+    already holds its state after the attempt (attempts, recipients still
+    to deliver, next attempt, settled)."""
+
+    message: Message
+    copy: Copy
+    delivered: Sequence[str]  # recipients this attempt delivered
+    deferred: Sequence[str]  # recipients left to retry, journalled with ``reply``
+    refused: Sequence[tuple[str, str]]  # (recipient, reply) refused at RCPT: journalled
+    dead: Sequence[str]  # recipients to dead-letter now, with ``reason``
+    reply: str  # the reply that decided the attempt
+    reason: str
+    now: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -1217,6 +1235,46 @@ class Spool:
             # Deleted while we worked (queue delete): do not leave an orphan.
             _unlink(state_path)
 
+    def record_outcomes(self, outcomes: Sequence[AttemptOutcome]) -> list[BaseException | None]:
+        """Blocking: record delivery attempts (one threadpool trip for a
+        batch), in the order that keeps the guarantee: per outcome, its
+        journal lines (delivered, deferred, refused), then the dead letter
+        of its dead recipients (content linked, ``dead/`` fsynced); then
+        every message touched is saved once, after its last outcome in the
+        batch (state is cumulative, so one save records them all, and a
+        message file whose copies are all settled goes only after their
+        dead letters are safe). Returns one entry per outcome: None, or the
+        OSError it failed with; an error fails the outcomes of its message
+        only."""
+        errors: list[BaseException | None] = [None] * len(outcomes)
+        last: dict[int, int] = {}  # id(message) -> index of its last outcome
+        for i, outcome in enumerate(outcomes):
+            message, copy = outcome.message, outcome.copy
+            last[id(message)] = i
+            try:
+                if outcome.delivered:
+                    self.journal_delivered(message, copy, outcome.delivered)
+                if outcome.deferred:
+                    self.journal_deferred(message, copy, outcome.deferred, outcome.reply)
+                for recipient, reply in outcome.refused:
+                    self.journal_refused(message, copy, recipient, reply)
+                if outcome.dead:
+                    try:
+                        self.dead_letter(message, copy, outcome.dead, outcome.reason, outcome.now)
+                    except FileNotFoundError:
+                        pass  # deleted with `queue delete` meanwhile
+            except OSError as exc:
+                errors[i] = exc
+        for i in sorted(last.values()):
+            message = outcomes[i].message
+            try:
+                self.save(message)
+            except OSError as exc:
+                for j, outcome in enumerate(outcomes):
+                    if outcome.message is message and errors[j] is None:
+                        errors[j] = exc
+        return errors
+
     # -- dead letters --
 
     def dead_letter(
@@ -1226,10 +1284,9 @@ class Spool:
         ``dead/<qid>.<index>``, then the record ``.json``, then ``dead/`` is
         fsynced, then a "dead" journal event. Returns the dead letter.
 
-        Does NOT change ``copy`` or ``message``: the caller removes
-        ``recipients`` from ``copy.recipients``, sets ``copy.settled`` when
-        none are left, then calls ``save`` (only after this returned, so the
-        content is safe before the message file can go).
+        Does NOT change ``copy`` or ``message``, nor save them:
+        ``record_outcomes`` calls it before ``save``, so the content is safe
+        before the message file can go.
 
         A second call for the same copy (another recipient refused later)
         merges into the same dead letter: recipients are added, distinct

@@ -24,8 +24,9 @@ import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
-from .config import Destination
+from .destination import Destination
 from .reply import Reply, ReplyError, take_reply
 
 # Bytes asked of the socket per read. What a broken peer can make us buffer
@@ -137,6 +138,17 @@ def tls_context(verify: bool, ca_file: str = "") -> ssl.SSLContext:
     return context
 
 
+class RelaySettings(Protocol):
+    """What a session takes from the configuration's ``relay`` section
+    (``config.RelayConfig``), besides the destination."""
+
+    @property
+    def timeout_seconds(self) -> float: ...
+
+    @property
+    def tls_ca_file(self) -> str: ...
+
+
 class Upstream:
     """A client session to ``destination``; connect lazily, reuse often.
 
@@ -175,6 +187,22 @@ class Upstream:
         self.in_data = False
         self._sock: socket.socket | None = None  # smtplib's, once the session is open
         self._received = bytearray()  # what the destination sent, not yet taken
+        self._key = (destination, timeout_seconds, local_hostname, tls_ca_file)
+
+    @classmethod
+    def for_destination(cls, destination: Destination, relay: RelaySettings, local_hostname: str) -> Upstream:
+        """A session to ``destination`` as the configuration has it (the
+        relay, the delivery scheduler and ``smtpdup check --connect`` alike):
+        ``relay.timeout_seconds``, ``relay.tls_ca_file`` and smtp.domain as
+        ``local_hostname``, the EHLO name. Not connected yet."""
+        return cls(destination, timeout_seconds=relay.timeout_seconds, local_hostname=local_hostname,
+                   tls_ca_file=relay.tls_ca_file)
+
+    @staticmethod
+    def key_for(destination: Destination, relay: RelaySettings, local_hostname: str) -> tuple:
+        """``key()`` of the session ``for_destination`` builds from the same
+        arguments."""
+        return (destination, relay.timeout_seconds, local_hostname, relay.tls_ca_file)
 
     # -- connection -----------------------------------------------------
 
@@ -191,7 +219,7 @@ class Upstream:
     def key(self) -> tuple:
         """What makes two sessions interchangeable: same destination, seen
         with the same settings."""
-        return (self.destination, self.timeout_seconds, self.local_hostname, self.tls_ca_file)
+        return self._key
 
     @property
     def extensions(self) -> list[str]:
@@ -557,11 +585,10 @@ class Probe:
     error: Reply | None = None
 
 
-def probe(destination: Destination, *, timeout_seconds: float, local_hostname: str, tls_ca_file: str = "") -> Probe:
+def probe(destination: Destination, relay: RelaySettings, local_hostname: str) -> Probe:
     """Open a session to ``destination`` as a delivery would (greeting,
     EHLO, STARTTLS, AUTH), note what it offers and QUIT: no transaction."""
-    upstream = Upstream(destination, timeout_seconds=timeout_seconds, local_hostname=local_hostname,
-                        tls_ca_file=tls_ca_file)
+    upstream = Upstream.for_destination(destination, relay, local_hostname)
     try:
         upstream.connect()
     except UpstreamError as exc:

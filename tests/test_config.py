@@ -22,14 +22,11 @@ from smtpdup.config import (
     KEYS,
     Config,
     ConfigError,
-    Destination,
-    HostPort,
     describe,
     example_yaml,
     load,
-    parse_destination,
-    parse_hostport,
 )
+from smtpdup.destination import Destination, HostPort, parse_destination, parse_hostport
 
 REPO = Path(__file__).resolve().parent.parent
 PRIMARY = {"SMTP_DUP_RELAY_DESTINATION_PRIMARY": "primary.example:25"}

@@ -130,7 +130,8 @@ def late_listener(tmp_path):
             maildir = Maildir(str(self.maildir))
             config = config_module.load(None, relay_environ(tmp_path, "127.0.0.1:25"))
             self.sock.listen(16)
-            self.server = SmtpServer(config, lambda ip: SinkSession(maildir, ip), listener=self.sock)
+            self.server = SmtpServer(config_module.Current(config), lambda ip: SinkSession(maildir, ip),
+                                     listener=self.sock)
             self.server.start()
 
         def stored(self) -> list[bytes]:
@@ -695,6 +696,52 @@ def test_a_slow_backup_does_not_hold_the_others_back(upstreams, relay, tmp_path)
     assert backup1.count() < 50
 
 
+def test_a_reload_resizes_the_backup_pool(upstreams, relay, tmp_path):
+    """relay.backup_concurrency applies at a reload: a slow backup holds
+    one copy at a time in DATA from a pool of 1, three once a reload makes
+    the pool 3, and one again after another makes it 1; every copy arrives."""
+    primary, backup = upstreams("primary"), upstreams("backup")
+    backup.set_rules(data_delay_seconds=0.3)
+    service = relay(primary.address, [backup.address], relay_backup_concurrency=1)
+    with smtplib.SMTP(*service.address, timeout=30) as smtp:
+        for n in range(40):
+            smtp.sendmail("alice@example.com", ["bob@example.com"], content(f"resize-{n}"))
+
+    def in_data() -> int:
+        """Copies between their DATA command and being stored, at the backup."""
+        commands = backup.commands()  # first: a copy stored after this is not counted at all
+        return commands.count("DATA") - backup.count()
+
+    def highest(probe, seconds: float) -> int:
+        """The largest value ``probe()`` takes over ``seconds``, polled."""
+        found, deadline = 0, time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            found = max(found, probe())
+            gevent.sleep(0.02)
+        return found
+
+    def reload(concurrency: int) -> None:
+        environ = relay_environ(tmp_path, primary.address, [backup.address], relay_backup_concurrency=concurrency)
+        service.reload(config_module.load(None, environ))
+
+    wait_until(lambda: backup.count() >= 1, what="the first copy at the backup")
+    assert highest(in_data, 1.0) == 1
+    assert len(service.scheduler.pool) == 1
+
+    reload(3)
+    wait_until(lambda: in_data() == 3, timeout=10, what="three copies in DATA at once")
+    assert highest(lambda: len(service.scheduler.pool), 0.5) <= 3
+
+    reload(1)
+    wait_until(lambda: len(service.scheduler.pool) == 1, timeout=10, what="the pool back to one worker")
+    assert highest(in_data, 1.0) <= 1
+    assert backup.count() < 40, "the backlog ran out before the pool shrank: a weaker test"
+
+    backup.set_rules()
+    backup.wait_for(40, timeout=30)
+    assert sorted(subjects(backup)) == sorted(f"resize-{n}" for n in range(40))
+
+
 def test_an_outage_costs_one_attempt_per_back_off_not_one_per_copy(upstreams, relay, tmp_path):
     """A backup that answers 451 to MAIL is backed off as a whole: while it
     is down only one copy probes it per back-off interval; the other copies
@@ -813,7 +860,7 @@ def test_a_copy_read_from_disk_while_its_sibling_finishes_still_goes(upstreams, 
     primary, (backup1, backup2), addresses = _backlog(upstreams, relay, tmp_path, 4)
     config = config_module.load(None, relay_environ(tmp_path, primary.address, addresses, **NEVER))
     spool = Spool(config.relay.spool_dir)
-    scheduler = delivery.Scheduler(config, spool)
+    scheduler = delivery.Scheduler(config_module.Current(config), spool)
     scheduler.loaded.set()
     first, second = sorted(m.queue_id for m in spool.messages())[:2]
     held = spool.load(first)

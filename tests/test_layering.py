@@ -14,17 +14,22 @@ FORBIDDEN = {
     "policy": {"gevent", "socket", "smtplib", "ssl", "logging", "time"},
     "spool": {"gevent", "socket", "smtplib", "ssl"},
     "config": {"gevent", "socket", "smtplib", "ssl"},
+    "destination": {"gevent", "socket", "smtplib", "ssl", "logging", "yaml"},
     "report": {"gevent", "socket", "smtplib", "ssl"},
     "upstream": {"gevent"},
+    "transfer": {"gevent", "logging"},
 }
-# What of the package each pure module may import.
+# What of the package these modules may import.
 ALLOWED_LOCAL = {
     "reply": set(),
     "protocol": {"reply"},
     "policy": {"reply"},
     "spool": set(),
-    "config": set(),
+    "config": {"destination"},
+    "destination": set(),
     "report": {"spool"},
+    "upstream": {"destination", "reply"},  # the SMTP client knows destinations, not configuration
+    "transfer": {"policy", "reply", "upstream"},
 }
 
 

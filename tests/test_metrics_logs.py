@@ -22,7 +22,7 @@ from smtpdup import __version__, logs, metrics  # noqa: E402
 
 @dataclass(frozen=True)
 class Listen:
-    """Stands in for smtpdup.config.HostPort (same .host and .port)."""
+    """Stands in for smtpdup.destination.HostPort (same .host and .port)."""
 
     host: str
     port: int

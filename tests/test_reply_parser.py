@@ -12,7 +12,7 @@ from conftest import wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smtpdup.config import Destination
+from smtpdup.destination import Destination
 from smtpdup.reply import MAX_REPLY_LINE_BYTES, Reply, ReplyError, take_reply
 from smtpdup.upstream import Upstream, UpstreamError
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from smtpdup import spool as spool_module
 from smtpdup.spool import (
+    AttemptOutcome,
     Envelope,
     Message,
     Spool,
@@ -500,6 +501,46 @@ def test_dead_letter_keeps_content_after_message_removed(spool):
             "reply": "550 5.1.1 no such user",
         }
     ]
+
+
+def test_record_outcomes_journals_then_dead_letters_then_saves_each_message_once(spool):
+    """A batch: copy 0 delivered to bob and refused for carol, copy 1 dead
+    (both settled), and a copy of another message deferred. The journal
+    holds the lines in order, the dead letter keeps its content although
+    the settled message file is gone, the deferred copy's state is saved."""
+    envelope = spool_message(spool)
+    other = spool_message(spool)
+    now = time.time()  # journal lines go to the day file of their time: all of today
+    message, second = spool.load(envelope.queue_id), spool.load(other.queue_id)
+    first, dead_copy = message.copies
+    for copy in message.copies:
+        copy.attempts, copy.settled = 1, True
+    waiting = second.copies[0]
+    waiting.attempts, waiting.next_attempt, waiting.recipients = 1, 1700000200.0, ["carol@example.net"]
+    errors = spool.record_outcomes([
+        AttemptOutcome(message, first, ["bob@example.com"], [], [("carol@example.net", "550 5.1.1 unknown")],
+                       ["carol@example.net"], "250 2.0.0 ok", "550 5.1.1 unknown", now),
+        AttemptOutcome(second, waiting, ["bob@example.com"], ["carol@example.net"], [], [], "451 4.3.0 later", "",
+                       now),
+        AttemptOutcome(message, dead_copy, [], [], [], ["bob@example.com"], "550 5.7.1 no", "550 5.7.1 no",
+                       now),
+    ])
+    assert errors == [None, None, None]
+    events = [(e["event"], e["id"]) for e in spool.journal_since(0)]
+    assert events == [
+        ("delivered", f"{envelope.queue_id}.0"), ("refused", f"{envelope.queue_id}.0"),
+        ("dead", f"{envelope.queue_id}.0"),
+        ("delivered", f"{other.queue_id}.0"), ("deferred", f"{other.queue_id}.0"),
+        ("dead", f"{envelope.queue_id}.1"),
+    ]
+    assert spool.load(envelope.queue_id) is None  # every copy settled: the file went, last
+    letters = {letter.id: letter for letter in spool.dead_letters()}
+    assert sorted(letters) == [f"{envelope.queue_id}.0", f"{envelope.queue_id}.1"]
+    with open(os.path.join(spool.directory, "dead", f"{envelope.queue_id}.1"), "rb") as f:
+        assert f.read().partition(b"\n")[2] == CONTENT
+    reloaded = spool.load(other.queue_id)
+    assert reloaded.copies[0].recipients == ["carol@example.net"]
+    assert reloaded.copies[0].next_attempt == 1700000200.0
 
 
 def test_second_dead_letter_for_one_copy_merges(spool):
