@@ -28,10 +28,12 @@ Usage::
 
 Replies: ONE outbound buffer. Every reply (the protocol's own and the ones
 given to `reply()`) is appended to it in the client's command order, and
-`data_to_send()` drains it. `reply()` returns b"" (so ``out +=
-proto.reply(...)`` is harmless), never the reply bytes: the shell sends
-``data_to_send()`` once the events of a batch are exhausted, which is one
-write for a whole pipelined batch.
+`data_to_send()` drains it. `reply()` returns None: the bytes it is given
+leave only through ``data_to_send()``, which the shell calls once the events
+of a batch are exhausted, so a whole pipelined batch is one write.
+
+State: `state` says where the session stands (`State`, with the table of
+moves); `_ALLOWED` below is the one table of which verbs each state accepts.
 
 Command lines are decoded as UTF-8 with ``surrogateescape``. Addresses and
 EHLO names that are not valid UTF-8 (or hold control characters) get 501,
@@ -192,24 +194,48 @@ Event = Hello | MailFrom | RcptTo | DataStart | DataChunk | DataEnd | DataAbort 
 # --- States and the sequence table ------------------------------------------
 
 
-class _State(enum.Enum):
+class State(enum.Enum):
+    """Where a session stands in the command sequence: `ServerProtocol.state`.
+
+    The moves, all made inside the protocol::
+
+        START        EHLO/HELO accepted                    -> GREETED
+        GREETED      MAIL answered 2xx                     -> TRANSACTION
+        GREETED      STARTTLS answered 220, tls_started()  -> START
+        TRANSACTION  DATA answered 354                     -> DATA
+        TRANSACTION  DATA answered otherwise               -> GREETED
+        TRANSACTION  RSET, EHLO/HELO accepted (Reset)      -> GREETED
+        DATA         final dot answered (DataEnd)          -> GREETED
+        DATA         client's dot after a DataAbort        -> GREETED
+        any          QUIT, or the peer closed              -> CLOSED
+
+    Every other command leaves the state as it is (an accepted RCPT only
+    counts a recipient). An event that needs `reply()` moves nothing by
+    itself: the move is made when the reply is given.
+    """
+
     START = "start"  # connected (or TLS just started): no EHLO/HELO yet
     GREETED = "greeted"  # EHLO/HELO done, no transaction
-    TRANSACTION = "transaction"  # MAIL accepted
-    DATA = "data"  # 354 given: reading content up to the terminator
+    TRANSACTION = "transaction"  # MAIL accepted, content not started
+    DATA = "data"  # 354 given: reading content up to the final dot and its reply
     CLOSED = "closed"  # QUIT answered or peer gone: input ignored
 
 
 _ANYTIME = frozenset({b"EHLO", b"HELO", b"RSET", b"NOOP", b"QUIT", b"VRFY", b"HELP"})
 
-# Which verbs each state allows; a known verb outside its state gets 503.
-# DATA and CLOSED read no commands at all.
-_ALLOWED: dict[_State, frozenset[bytes]] = {
-    _State.START: _ANYTIME,
-    _State.GREETED: _ANYTIME | {b"MAIL", b"STARTTLS"},
-    _State.TRANSACTION: _ANYTIME | {b"RCPT", b"DATA"},
-    _State.DATA: frozenset(),
-    _State.CLOSED: frozenset(),
+# The sequence rules: which verbs each state accepts. A known verb outside
+# its state is answered 503 5.5.1 (BAD_SEQUENCE) and changes nothing; an
+# unknown verb gets 500 5.5.2. DATA and CLOSED read no command lines. The
+# rules that need more than the state are in the handlers of their verbs:
+# MAIL while TLS is required and not active (530 5.7.0, before its argument
+# is parsed); DATA with no accepted recipient (554 5.5.1) and STARTTLS with
+# TLS already active (503 5.5.1), both after their argument is checked.
+_ALLOWED: dict[State, frozenset[bytes]] = {
+    State.START: _ANYTIME,
+    State.GREETED: _ANYTIME | {b"MAIL", b"STARTTLS"},
+    State.TRANSACTION: _ANYTIME | {b"RCPT", b"DATA"},
+    State.DATA: frozenset(),
+    State.CLOSED: frozenset(),
 }
 
 # A path: <...> holding unquoted characters or quoted strings (a quoted local
@@ -277,7 +303,7 @@ class ServerProtocol:
     def __init__(self, limits: Limits, domain: str) -> None:
         self.limits = limits
         self.domain = domain
-        self._state = _State.START
+        self._state = State.START
         self._buffer = bytearray()  # input not yet parsed; bounds: see _advance_*
         self._outbound = bytearray()  # replies not yet drained, in command order
         # Parsed events not yet yielded: a handful at most, so a list (an idle
@@ -306,7 +332,7 @@ class ServerProtocol:
         """Buffer bytes from the client; b"" means the peer closed. Input
         after QUIT, after the close, or between STARTTLS and `tls_started()`
         is discarded."""
-        if self._state is _State.CLOSED or self._eof or self._tls_pending:
+        if self._state is State.CLOSED or self._eof or self._tls_pending:
             return
         if not data:
             self._eof = True
@@ -326,15 +352,16 @@ class ServerProtocol:
             if ready:
                 yield ready.pop(0)
                 continue
-            if self._awaiting is not None or self._tls_pending or self._state is _State.CLOSED:
+            if self._awaiting is not None or self._tls_pending or self._state is State.CLOSED:
                 return
             if not self._advance():
                 return
 
-    def reply(self, reply: Reply) -> bytes:
+    def reply(self, reply: Reply) -> None:
         """Give the backend's reply to the pending MailFrom, RcptTo, DataStart
-        or DataEnd. The reply joins the outbound buffer in command order;
-        `data_to_send()` drains it. Returns b"".
+        or DataEnd, and make the move it decides (see `State`). The reply's
+        bytes join the outbound buffer in command order: `data_to_send()`
+        drains them with the protocol's own replies.
 
         Raises ProtocolError when no event awaits a reply.
         """
@@ -346,13 +373,13 @@ class ServerProtocol:
         completed = 200 <= reply.code < 300
         if awaiting is MailFrom:
             if completed:
-                self._state = _State.TRANSACTION
+                self._state = State.TRANSACTION
                 self._recipients = 0
         elif awaiting is RcptTo:
             if completed:
                 self._recipients += 1
         elif awaiting is DataStart and reply.code == 354:
-            self._state = _State.DATA
+            self._state = State.DATA
             self._line_start = True
             self._segment_start = False
             self._dot_line = False
@@ -360,7 +387,6 @@ class ServerProtocol:
             self._abort = None
         else:  # DataEnd answered, or DATA refused: a new envelope per message
             self._end_transaction()
-        return b""
 
     def data_to_send(self) -> bytes:
         """Drain every reply queued so far, in the client's command order."""
@@ -375,19 +401,31 @@ class ServerProtocol:
             raise ProtocolError("tls_started() without STARTTLS")
         self._tls_pending = False
         self._tls_active = True
-        self._state = _State.START
+        self._state = State.START
         self._recipients = 0
 
     @property
     def closed(self) -> bool:
         """True after QUIT or the peer's close, once every event and reply
         has been taken: the shell closes the socket."""
-        return self._state is _State.CLOSED and not self._ready and not self._outbound
+        return self._state is State.CLOSED and not self._ready and not self._outbound
+
+    @property
+    def state(self) -> State:
+        """Where the session stands in the command sequence (see `State`)."""
+        return self._state
+
+    @property
+    def in_transaction(self) -> bool:
+        """True from a MAIL answered 2xx until the transaction ends (see
+        `State`): states TRANSACTION and DATA."""
+        state = self._state
+        return state is State.TRANSACTION or state is State.DATA
 
     @property
     def in_data(self) -> bool:
-        """True while reading message content (after 354, before the dot)."""
-        return self._state is _State.DATA
+        """True from the 354 to the reply to the final dot (state DATA)."""
+        return self._state is State.DATA
 
     @property
     def tls_active(self) -> bool:
@@ -402,14 +440,14 @@ class ServerProtocol:
 
     def _advance(self) -> bool:
         """Parse one step of buffered input; False when more input is needed."""
-        if self._state is _State.DATA:
+        if self._state is State.DATA:
             progressed = self._advance_data()
         else:
             progressed = self._advance_command()
         if progressed:
             return True
         if self._eof:
-            self._state = _State.CLOSED
+            self._state = State.CLOSED
             self._buffer.clear()
             self._ready.append(ConnectionClosed())
             return True
@@ -588,15 +626,15 @@ class ServerProtocol:
         """The terminator arrived."""
         abort = self._abort
         self._abort = None
-        self._end_transaction()
         if abort is not None:
+            self._end_transaction()
             self._send(abort)
-        else:
+        else:  # the transaction ends when the final reply is given
             self._awaiting = DataEnd
             self._ready.append(DataEnd())
 
     def _end_transaction(self) -> None:
-        self._state = _State.GREETED
+        self._state = State.GREETED
         self._recipients = 0
 
     # --- Output ---------------------------------------------------------
@@ -623,7 +661,7 @@ class ServerProtocol:
         if not arg or _UNCLEAN.search(arg):
             self._send(replies.HELO_SYNTAX)
             return
-        if self._state is _State.TRANSACTION:
+        if self._state is State.TRANSACTION:
             self._ready.append(Reset())
         self._end_transaction()
         self._send(self._ehlo_reply() if extended else Reply(250, "", self.domain))
@@ -709,7 +747,7 @@ class ServerProtocol:
         if arg:
             self._send(replies.SYNTAX_ERROR)
             return
-        if self._state is _State.TRANSACTION:
+        if self._state is State.TRANSACTION:
             self._end_transaction()
         self._send(replies.OK)
         self._ready.append(Reset())
@@ -719,7 +757,7 @@ class ServerProtocol:
 
     def _quit(self, arg: str) -> None:  # arguments ignored: let a client leave
         self._send(replies.CLOSING)
-        self._state = _State.CLOSED
+        self._state = State.CLOSED
         self._buffer.clear()
         self._ready.append(Quit())
 

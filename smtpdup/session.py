@@ -6,7 +6,9 @@ verdict to a :class:`Backend` (the relay, or the sink). Replies to a
 pipelined batch leave in one write, and only right before the session
 blocks on a read. Every read waits at most ``idle_timeout_seconds``.
 
-It owns no policy: what to answer comes from the protocol or the backend.
+It owns no policy and keeps no SMTP state: what to answer comes from the
+protocol or the backend, and whether a transaction is open (a draining
+server lets it finish) from the protocol's ``in_transaction``.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class Drain(BaseException):
 class Session:
     __slots__ = (
         "sock", "client_ip", "backend", "proto", "idle_timeout_seconds", "tls_context",
-        "draining", "idle", "in_transaction", "_start_tls",
+        "draining", "idle", "_start_tls",
     )
 
     def __init__(
@@ -84,7 +86,6 @@ class Session:
         self.tls_context = tls_context
         self.draining = False
         self.idle = False  # blocked on a read with no transaction open
-        self.in_transaction = False
         self._start_tls = False
 
     def run(self) -> None:
@@ -122,8 +123,8 @@ class Session:
         pending = proto.greeting()
         while True:
             for event in proto.events():
-                pending += self._dispatch(event)
-            pending += proto.data_to_send()
+                self._dispatch(event)
+            pending += proto.data_to_send()  # the whole batch's replies, in order
             if pending:
                 sent = self.sock.send(pending)  # one send() nearly always takes it all
                 if sent < len(pending):
@@ -134,51 +135,42 @@ class Session:
             if self._start_tls:
                 self._wrap_tls()
                 continue
-            if self.draining and not self.in_transaction and not proto.in_data:
+            if self.draining and not proto.in_transaction:
                 self._last_words(SHUTTING_DOWN)
                 return
-            self.idle = not self.in_transaction and not proto.in_data
+            self.idle = not proto.in_transaction
             try:
                 data = self.sock.recv(RECV_BYTES)
             finally:
                 self.idle = False
             proto.receive_data(data)
 
-    def _dispatch(self, event: object) -> bytes:
-        """Hand one event to the backend; returns reply bytes, if any."""
+    def _dispatch(self, event: object) -> None:
+        """Hand one event to the backend. A verdict goes to `proto.reply()`,
+        which queues it for `data_to_send()` and moves the protocol's state."""
         backend = self.backend
         proto = self.proto
         match event:
             case DataChunk(data=data):
                 backend.data_chunk(data)
             case MailFrom(sender=sender, params=params):
-                reply = backend.mail(sender, params)
-                self.in_transaction = reply.is_completed
-                return proto.reply(reply) or b""
+                proto.reply(backend.mail(sender, params))
             case RcptTo(recipient=recipient, params=params):
-                return proto.reply(backend.rcpt(recipient, params)) or b""
+                proto.reply(backend.rcpt(recipient, params))
             case DataStart():
-                reply = backend.data()
-                if reply.code != 354:
-                    self.in_transaction = False  # a refused DATA ends the transaction
-                return proto.reply(reply) or b""
+                proto.reply(backend.data())
             case DataEnd():
-                reply = backend.data_end()
-                self.in_transaction = False
-                return proto.reply(reply) or b""
+                proto.reply(backend.data_end())
             case DataAbort(reply=reply):
                 backend.data_abort(reply)  # the protocol tells the client at its final dot
-                self.in_transaction = False
             case Reset():
                 backend.reset()
-                self.in_transaction = False
             case Hello(name=name, extended=extended):
                 backend.hello(name, extended)
             case StartTls():
                 self._start_tls = True
             case Quit() | ConnectionClosed():
                 pass
-        return b""
 
     def _wrap_tls(self) -> None:
         self._start_tls = False

@@ -32,6 +32,7 @@ from smtpdup.protocol import (
     Reset,
     ServerProtocol,
     StartTls,
+    State,
 )
 from smtpdup.reply import Reply
 
@@ -77,7 +78,7 @@ class Driver:
             new.append(event)
             answer = self.backend(event)
             if answer is not None:
-                assert self.proto.reply(answer) == b""
+                assert self.proto.reply(answer) is None  # the bytes leave via data_to_send()
             started_tls |= isinstance(event, StartTls)
         # Every buffer is bounded once the events of a read are taken: the
         # content held back may begin the terminator; a command line is kept
@@ -366,6 +367,125 @@ def test_sequence_table(setup: bytes, line: bytes, code: str) -> None:
     assert driver.codes()[before:] == [code]
 
 
+# The sequence rules, written out: the verbs each state accepts. Every known
+# verb is sent in every state that reads commands; one outside its row gets
+# 503 5.5.1 and leaves the state as it was.
+ACCEPTED_VERBS = {
+    State.START: {"EHLO", "HELO", "RSET", "NOOP", "QUIT", "VRFY", "HELP"},
+    State.GREETED: {"EHLO", "HELO", "RSET", "NOOP", "QUIT", "VRFY", "HELP", "MAIL", "STARTTLS"},
+    State.TRANSACTION: {"EHLO", "HELO", "RSET", "NOOP", "QUIT", "VRFY", "HELP", "RCPT", "DATA"},
+}
+VERB_LINES = {
+    "EHLO": b"EHLO x", "HELO": b"HELO x", "MAIL": b"MAIL FROM:<a@b>", "RCPT": b"RCPT TO:<c@d>",
+    "DATA": b"DATA", "RSET": b"RSET", "NOOP": b"NOOP", "QUIT": b"QUIT", "VRFY": b"VRFY u",
+    "HELP": b"HELP", "STARTTLS": b"STARTTLS",
+}
+# Reaches the state; the transaction has a recipient, so DATA is not 554.
+SETUP = {
+    State.START: b"",
+    State.GREETED: b"EHLO x\r\n",
+    State.TRANSACTION: b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n",
+}
+
+
+@pytest.mark.parametrize("state", list(ACCEPTED_VERBS))
+@pytest.mark.parametrize("verb", list(VERB_LINES))
+def test_every_verb_in_every_command_state(state: State, verb: str) -> None:
+    driver = Driver(Limits(tls_available=True))
+    if SETUP[state]:
+        driver.feed(SETUP[state])
+    assert driver.proto.state is state
+    driver.out.clear()
+    driver.feed(VERB_LINES[verb] + b"\r\n")
+    refused = bytes(driver.out) == replies.BAD_SEQUENCE.to_bytes()
+    assert refused == (verb not in ACCEPTED_VERBS[state]), driver.out
+    if refused:
+        assert driver.proto.state is state
+
+
+def answers(**by_event: Reply) -> Callable[[Event], Reply | None]:
+    """A backend that answers the named events (MailFrom=..., DataEnd=...)
+    as told and accepts the rest."""
+
+    def backend(event: Event) -> Reply | None:
+        return by_event.get(type(event).__name__) or accept_all(event)
+
+    return backend
+
+
+REFUSED = Reply(451, "4.4.1", "later")
+OPEN = b"EHLO x\r\nMAIL FROM:<a@b>\r\n"  # state TRANSACTION, no recipient yet
+READY = OPEN + b"RCPT TO:<c@d>\r\n"  # ... with one recipient
+# (limits, backend answers, setup, line, state after, in_transaction after):
+# each move of State's table, and commands that move nothing.
+MOVES = [
+    (Limits(), {}, b"", b"EHLO x", State.GREETED, False),
+    (Limits(), {}, b"", b"HELO x", State.GREETED, False),
+    (Limits(), {}, b"", b"EHLO", State.START, False),  # 501: not accepted
+    (Limits(), {}, b"", b"RSET", State.START, False),
+    (Limits(), {}, b"EHLO x\r\n", b"MAIL FROM:<a@b>", State.TRANSACTION, True),
+    (Limits(), {"MailFrom": REFUSED}, b"EHLO x\r\n", b"MAIL FROM:<a@b>", State.GREETED, False),
+    (Limits(), {}, b"EHLO x\r\n", b"MAIL FROM:<a@b> BOGUS=1", State.GREETED, False),  # 555
+    (Limits(tls_available=True), {}, b"EHLO x\r\n", b"STARTTLS", State.START, False),
+    (Limits(), {}, b"EHLO x\r\n", b"STARTTLS", State.GREETED, False),  # 454: no TLS here
+    (Limits(), {}, b"EHLO x\r\n", b"RSET", State.GREETED, False),
+    (Limits(), {}, OPEN, b"RCPT TO:<c@d>", State.TRANSACTION, True),
+    (Limits(), {"RcptTo": REFUSED}, OPEN, b"RCPT TO:<c@d>", State.TRANSACTION, True),
+    (Limits(), {}, OPEN, b"DATA", State.TRANSACTION, True),  # 554: no recipient
+    (Limits(), {}, READY, b"DATA", State.DATA, True),
+    (Limits(), {"DataStart": REFUSED}, READY, b"DATA", State.GREETED, False),
+    (Limits(), {}, READY, b"RSET", State.GREETED, False),
+    (Limits(), {}, READY, b"EHLO y", State.GREETED, False),
+    (Limits(), {}, READY, b"HELO y", State.GREETED, False),
+    (Limits(), {}, READY, b"NOOP", State.TRANSACTION, True),
+    (Limits(), {}, READY + b"DATA\r\n", b"RSET", State.DATA, True),  # content, not a command
+    (Limits(), {}, READY + b"DATA\r\nbody\r\n", b".", State.GREETED, False),
+    (Limits(), {"DataEnd": REFUSED}, READY + b"DATA\r\n", b".", State.GREETED, False),
+    (Limits(max_message_bytes=3), {}, READY + b"DATA\r\ntoo long\r\n", b".", State.GREETED, False),
+    (Limits(), {}, b"", b"QUIT", State.CLOSED, False),
+    (Limits(), {}, READY, b"QUIT", State.CLOSED, False),
+]
+
+
+@pytest.mark.parametrize("limits, answered, setup, line, state, in_transaction", MOVES)
+def test_state_moves(limits, answered, setup, line, state, in_transaction) -> None:
+    driver = Driver(limits, backend=answers(**answered))
+    if setup:
+        driver.feed(setup)
+    driver.feed(line + b"\r\n")
+    assert driver.proto.state is state
+    assert driver.proto.in_transaction is in_transaction
+    assert driver.proto.in_data is (state is State.DATA)
+
+
+@pytest.mark.parametrize("setup", [b"", b"EHLO x\r\n", READY, READY + b"DATA\r\nbody"])
+def test_peer_close_moves_any_state_to_closed(setup: bytes) -> None:
+    driver = Driver()
+    if setup:
+        driver.feed(setup)
+    driver.feed(b"")
+    assert driver.proto.state is State.CLOSED and not driver.proto.in_transaction
+
+
+def test_an_event_moves_nothing_until_its_reply() -> None:
+    proto = ServerProtocol(Limits(), DOMAIN)
+    proto.receive_data(READY + b"DATA\r\n.\r\n")
+    seen = []
+    for event in proto.events():
+        seen.append((type(event), proto.state))
+        answer = accept_all(event)
+        if answer is not None:
+            proto.reply(answer)
+            seen.append((answer.code, proto.state))
+    assert seen == [
+        (Hello, State.GREETED),
+        (MailFrom, State.GREETED), (250, State.TRANSACTION),
+        (RcptTo, State.TRANSACTION), (250, State.TRANSACTION),
+        (DataStart, State.TRANSACTION), (354, State.DATA),
+        (DataEnd, State.DATA), (250, State.GREETED),
+    ]
+
+
 @pytest.mark.parametrize(
     "line, sender, params",
     [
@@ -555,7 +675,7 @@ def test_events_stop_until_reply_is_given() -> None:
     proto.receive_data(b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n")
     assert [type(e) for e in proto.events()] == [Hello, MailFrom]
     assert list(proto.events()) == []  # still waiting for the MAIL reply
-    assert proto.reply(Reply(250, "2.1.0", "Ok")) == b""
+    assert proto.reply(Reply(250, "2.1.0", "Ok")) is None
     assert [type(e) for e in proto.events()] == [RcptTo]
     proto.reply(Reply(250, "2.1.5", "Ok"))
     assert reply_codes(proto.data_to_send()) == ["250", "250 2.1.0", "250 2.1.5"]
@@ -913,6 +1033,68 @@ def test_arbitrary_bytes_only_ever_yield_events(data, limits, prefix, garbage, c
     assert driver.out.endswith(b"\r\n")
     assert driver.out.count(b"\r") == driver.out.count(b"\n") == driver.out.count(b"\r\n")
     assert not any(b"\x00" in e.data for e in driver.events if isinstance(e, DataChunk))
+
+
+# Lines of a session, one read each; in state DATA every line but "." is
+# content.
+MODEL_LINES = [
+    b"EHLO x", b"HELO x", b"EHLO", b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>", b"DATA", b"DATA x", b"RSET",
+    b"NOOP", b"VRFY u", b"HELP", b"STARTTLS", b"QUIT", b"BOGUS", b".", b"body",
+]
+
+
+def model_step(state: State, recipients: int, tls: bool, line: bytes, accept: bool) -> tuple[State, int, bool, bool]:
+    """The sequence rules the slow, obvious way: (state, accepted recipients,
+    TLS active) after `line`, and whether it is answered 503 5.5.1 Bad
+    sequence. `accept`: whether the backend accepts what it is asked."""
+    if state is State.CLOSED:
+        return state, recipients, tls, False
+    if state is State.DATA:
+        return (State.GREETED, 0, tls, False) if line == b"." else (state, recipients, tls, False)
+    verb, _, arg = line.partition(b" ")
+    name = verb.decode()
+    if name not in VERB_LINES:
+        return state, recipients, tls, False  # 500
+    if name not in ACCEPTED_VERBS[state]:
+        return state, recipients, tls, True
+    if name in ("EHLO", "HELO") and arg:
+        return State.GREETED, 0, tls, False
+    if name == "MAIL" and accept:
+        return State.TRANSACTION, 0, tls, False
+    if name == "RCPT" and accept:
+        return state, recipients + 1, tls, False
+    if name == "DATA" and not arg and recipients:
+        return (State.DATA, recipients, tls, False) if accept else (State.GREETED, 0, tls, False)
+    if name == "RSET":
+        return State.GREETED if state is State.TRANSACTION else state, 0, tls, False
+    if name == "QUIT":
+        return State.CLOSED, 0, tls, False
+    if name == "STARTTLS" and not tls:
+        return State.START, 0, True, False
+    return state, recipients, tls, False
+
+
+@settings(max_examples=300)
+@given(steps=st.lists(st.tuples(st.sampled_from(MODEL_LINES), st.booleans()), max_size=40))
+def test_state_follows_a_model_of_the_sequence_rules(steps: list[tuple[bytes, bool]]) -> None:
+    accept = True
+
+    def backend(event: Event) -> Reply | None:
+        answer = accept_all(event)
+        return answer if answer is None or accept else Reply(554, "5.7.1", "no")
+
+    driver = Driver(Limits(tls_available=True), backend=backend)
+    state, recipients, tls = State.START, 0, False
+    for line, accept in steps:
+        driver.out.clear()
+        driver.feed(line + b"\r\n")
+        state, recipients, tls, bad_sequence = model_step(state, recipients, tls, line, accept)
+        assert driver.proto.state is state, (line, accept)
+        assert driver.proto.in_transaction is (state in (State.TRANSACTION, State.DATA))
+        assert driver.proto.in_data is (state is State.DATA)
+        assert (bytes(driver.out) == replies.BAD_SEQUENCE.to_bytes()) is bad_sequence, (line, driver.out)
+    driver.feed(b"")
+    assert driver.proto.state is State.CLOSED
 
 
 def reference_content(raw: bytes) -> bytes:
