@@ -35,7 +35,8 @@ class Sink:
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(16)
         maildir = Maildir(str(tmp_path / "mail"))
-        self.server = SmtpServer(config_module.load(None, environ), lambda ip: SinkSession(maildir, ip), listener=self.listener)
+        config = config_module.Current(config_module.load(None, environ))
+        self.server = SmtpServer(config, lambda ip: SinkSession(maildir, ip), listener=self.listener)
         self.server.start()
         self.address = self.server.address
         self.drain: gevent.Greenlet | None = None
