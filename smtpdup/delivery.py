@@ -121,7 +121,6 @@ class Scheduler:
         # fixed by the semaphore it is built with; this Group only tracks
         # the workers, for stop().
         self.pool = Group()
-        self._running = 0  # workers in the pool
         self._ready: dict[str, deque[str]] = defaultdict(deque)  # destination -> "qid/index"
         self._delayed: dict[str, list[tuple[float, str]]] = defaultdict(list)  # heaps of (due, "qid/index")
         self._live: dict[str, list] = {}  # qid -> [Message, copies queued or in flight]
@@ -418,7 +417,6 @@ class Scheduler:
                     if self._free() <= 0:
                         return  # a finishing worker wakes the loop
                     self._workers[dest] += 1
-                    self._running += 1
                     self.pool.spawn(self._worker, dest)
                     self._idle[dest] += 1  # counted idle until it takes a copy
                     started = True
@@ -437,7 +435,7 @@ class Scheduler:
         """How many more workers the pool takes: relay.backup_concurrency,
         read anew so that a reload resizes the pool, less the workers
         running (below zero after a reload made the pool smaller)."""
-        return self.current.config.relay.backup_concurrency - self._running
+        return self.current.config.relay.backup_concurrency - sum(self._workers.values())
 
     def reconfigure(self) -> None:
         """A reload has replaced the configuration: a larger pool starts
@@ -509,7 +507,6 @@ class Scheduler:
         finally:
             self._idle[dest_name] -= 1
             self._workers[dest_name] -= 1
-            self._running -= 1
             if upstream is not None:
                 upstream.quit()
             self._wake.set()
