@@ -44,6 +44,35 @@ def raise_fd_limit() -> None:
             pass
 
 
+def reload_config(
+    load: Callable[[], Config],
+    apply: Callable[[Config], None],
+    status: Callable[[], str] | None = None,
+    **fields: object,
+) -> None:
+    """SIGHUP in any process: build the configuration again (``load``) and
+    hand it to ``apply``; the new log level and format take effect too. A
+    rejected one (ConfigError from either) is logged as reload_failed, with
+    ``fields``, and counted; the configuration in force stays. ``status``
+    is for the process that speaks to systemd: it hears RELOADING, then
+    READY with that status line (and why a reload was rejected)."""
+    if status is not None:
+        notify.reloading()
+    try:
+        new = load()
+        apply(new)
+    except ConfigError as exc:
+        log.error("reload_failed", extra={"error": str(exc), **fields})
+        metrics.record_config_load(False)
+        if status is not None:
+            notify.ready(f"{status()}; last reload rejected: {exc}")
+        return
+    metrics.record_config_load(True)
+    logs.setup(new.log.level, new.log.format)
+    if status is not None:
+        notify.ready(status())
+
+
 class RelayService:
     """A whole relay in this process: spool, scheduler, SMTP server and
     metrics endpoint. ``run_relay`` drives it from signals; tests drive it
@@ -157,24 +186,12 @@ def run_relay(
     if ready is not None:
         ready(service.server)
     stop = Event()
-
-    def reload() -> None:
-        notify.reloading()
-        try:
-            new = load_config() if load_config is not None else config_module.load(service.config.path)
-            service.reload(new)
-        except ConfigError as exc:
-            log.error("reload_failed", extra={"error": str(exc)})
-            metrics.record_config_load(False)
-            notify.ready(f"{_status(service)}; last reload rejected: {exc}")
-            return
-        metrics.record_config_load(True)
-        logs.setup(new.log.level, new.log.format)
-        notify.ready(_status(service))
-
+    load = load_config or (lambda: config_module.load(service.config.path))
     gevent.signal_handler(signal.SIGTERM, stop.set)
     gevent.signal_handler(signal.SIGINT, stop.set)
-    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
+    gevent.signal_handler(
+        signal.SIGHUP, lambda: gevent.spawn(reload_config, load, service.reload, lambda: _status(service))
+    )
     # Listening, delivering, and the signals handled: systemd (Type=notify)
     # may start dependants, and stop or reload us.
     notify.ready(_status(service))

@@ -37,7 +37,7 @@ from gevent.event import Event
 
 from . import logs, notify
 from .blocking import log_hub_errors
-from .config import Config, ConfigError
+from .config import Config
 
 log = logs.get("workers")
 
@@ -78,8 +78,7 @@ def _worker(config: Config, listener: socket.socket, index: int, count: int,
             load_config: Callable[[], Config], started: int) -> None:
     """The body of a worker process; never returns. Writes a byte to the
     pipe ``started`` once it listens and delivers."""
-    from . import metrics
-    from .service import RelayService
+    from .service import RelayService, reload_config
 
     status = 1
     # Only the supervisor speaks to systemd (NotifyAccess=main).
@@ -93,19 +92,11 @@ def _worker(config: Config, listener: socket.socket, index: int, count: int,
         except OSError:
             pass  # the supervisor is gone; SIGTERM follows
         stop = Event()
-
-        def reload() -> None:
-            try:
-                service.reload(load_config())
-            except ConfigError as exc:
-                log.error("reload_failed", extra={"error": str(exc), "worker": index})
-                metrics.record_config_load(False)
-                return
-            metrics.record_config_load(True)
-
         gevent.signal_handler(signal.SIGTERM, stop.set)
         gevent.signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
-        gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
+        gevent.signal_handler(
+            signal.SIGHUP, lambda: gevent.spawn(reload_config, load_config, service.reload, worker=index)
+        )
         stop.wait()
         service.stop()
         status = 0
@@ -122,7 +113,7 @@ def run_workers(config: Config, metrics_dir: str, load_config: Callable[[], Conf
     from prometheus_client import multiprocess
 
     from . import metrics
-    from .service import raise_fd_limit
+    from .service import raise_fd_limit, reload_config
     from .spool import Spool
 
     raise_fd_limit()
@@ -179,23 +170,15 @@ def run_workers(config: Config, metrics_dir: str, load_config: Callable[[], Conf
         for pid in list(children):
             _signal(pid, signal.SIGTERM)
 
-    def reload() -> None:
-        notify.reloading()
-        try:
-            state["config"] = load_config()
-        except ConfigError as exc:
-            log.error("reload_failed", extra={"error": str(exc)})
-            metrics.record_config_load(False)
-            notify.ready(f"{summary}; last reload rejected: {exc}")
-            return
-        metrics.record_config_load(True)
+    def apply(new: Config) -> None:
+        state["config"] = new
         for pid in list(children):
             _signal(pid, signal.SIGHUP)
-        notify.ready(summary)
+
 
     watchers.append(gevent.signal_handler(signal.SIGTERM, terminate))
     watchers.append(gevent.signal_handler(signal.SIGINT, terminate))
-    watchers.append(gevent.signal_handler(signal.SIGHUP, reload))
+    watchers.append(gevent.signal_handler(signal.SIGHUP, reload_config, load_config, apply, lambda: summary))
 
     deadline = None
     while children:

@@ -99,9 +99,9 @@ def _children(pid: int) -> set[int]:
 def test_a_worker_that_dies_is_replaced_and_reload_reaches_every_worker(upstreams, relays, tmp_path):
     primary, backup, second = upstreams("primary"), upstreams("backup"), upstreams("second")
     config = tmp_path / "relay.yaml"
-    config.write_text(f"relay:\n  destination_backups: [{backup.address!r}]\n")
+    config.write_text(f"log:\n  level: info\nrelay:\n  destination_backups: [{backup.address!r}]\n")
     environ = relay_environ(tmp_path, primary.address, smtp_workers=2, smtp_listen=f"127.0.0.1:{free_port()}")
-    del environ["SMTP_DUP_RELAY_DESTINATION_BACKUPS"]
+    del environ["SMTP_DUP_RELAY_DESTINATION_BACKUPS"], environ["SMTP_DUP_LOG_LEVEL"]
     environ["SMTP_DUP_CONFIG"] = str(config)
     relay = relays(environ)
     supervisor = relay.proc.pid
@@ -113,17 +113,21 @@ def test_a_worker_that_dies_is_replaced_and_reload_reaches_every_worker(upstream
     send_many(relay.address, connections=4, per_connection=2)
     backup.wait_for(8)
 
-    # SIGHUP: the new backup list reaches both workers (the supervisor
-    # checks it first). The relay logs each worker's reload.
-    config.write_text(f"relay:\n  destination_backups: [{second.address!r}]\n")
+    # SIGHUP: the new backup list and log level reach both workers (the
+    # supervisor checks them first). The relay logs each worker's reload,
+    # then only warnings: no more backup_attempt lines.
+    config.write_text(f"log:\n  level: warning\nrelay:\n  destination_backups: [{second.address!r}]\n")
     os.kill(supervisor, signal.SIGHUP)
 
     def reloads() -> int:
         return relay.log().count('"reloaded"')
 
     wait_until(lambda: reloads() >= 2, what="both workers reloaded")
+    attempts_logged = relay.log().count('"backup_attempt"')
+    assert attempts_logged >= 8
     before = backup.count()
     send_many(relay.address, connections=4, per_connection=2)
     second.wait_for(8)
     assert backup.count() == before
     assert relay.stop() == 0
+    assert relay.log().count('"backup_attempt"') == attempts_logged
