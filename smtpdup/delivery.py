@@ -643,15 +643,15 @@ class Scheduler:
         return attempt
 
     def _finish(self, message: Message, copy: Copy, attempt: Attempt, seconds: float) -> None:
-        """Apply an attempt's outcome to the copy, then have the spool
-        record it (Spool.record_outcomes, in the threadpool, serialised per
-        message). What the outcome is, policy.outcome decides."""
+        """Replace the copy with its state after the attempt, then have the
+        spool record it (Spool.record_outcomes, in the threadpool,
+        serialised per message). What the outcome is, policy.outcome
+        decides."""
         envelope = message.envelope
         now = time.time()
         dest = copy.destination
-        copy.attempts += 1
+        attempts = copy.attempts + 1
         reply_text = str(attempt.reply) if attempt.reply is not None else ""
-        copy.last_reply = reply_text
         if attempt.delivered:
             metrics.BACKUP_DELIVERIES.labels(dest, "delivered").inc()
         for recipient, reply in attempt.refused:
@@ -663,20 +663,21 @@ class Scheduler:
         refused = [(recipient, str(reply)) for recipient, reply in attempt.refused]
         verdict = policy.outcome(
             refused=refused, dead=attempt.dead,
-            deferred=attempt.deferred, reply=reply_text, attempts=copy.attempts, now=now,
+            deferred=attempt.deferred, reply=reply_text, attempts=attempts, now=now,
             received_at=envelope.received_at, retry=_retry(self.current.config.relay),
         )
         dead, deferred, reason, outcome = verdict.dead, verdict.deferred, verdict.reason, verdict.name
         if dead:
             metrics.BACKUP_DELIVERIES.labels(dest, "dead").inc()
             self._next_dead_count = 0.0  # recount at the next poll
-        copy.recipients = list(deferred)
         if verdict.next_attempt is not None:
-            copy.next_attempt = verdict.next_attempt
+            copy = message.update(copy.index, attempts=attempts, last_reply=reply_text,
+                                  recipients=tuple(deferred), next_attempt=verdict.next_attempt)
             heapq.heappush(self._delayed[dest], (copy.next_attempt, _key(message, copy)))
             metrics.BACKUP_DELIVERIES.labels(dest, "deferred").inc()
         else:
-            copy.settled = True
+            copy = message.update(copy.index, attempts=attempts, last_reply=reply_text,
+                                  recipients=tuple(deferred), settled=True)
         try:
             # Batched: outcomes recorded one after another in one thread,
             # so the saves of a message never overtake each other; the

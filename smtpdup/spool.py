@@ -113,7 +113,7 @@ import signal
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO, Iterator, Mapping, NamedTuple, Sequence
 
 __all__ = [
@@ -218,13 +218,15 @@ class Target:
     recipients: tuple[str, ...]
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Copy:
-    """Mutable delivery state of one copy (one target of one message)."""
+    """Delivery state of one copy (one target of one message), a value:
+    an attempt's outcome replaces it whole (``Message.update``), so a
+    thread saving the message never sees it half-changed."""
 
     index: int
     destination: str
-    recipients: list[str]  # still to deliver
+    recipients: tuple[str, ...]  # still to deliver
     attempts: int = 0
     next_attempt: float = 0.0  # epoch seconds
     last_reply: str = ""
@@ -233,7 +235,10 @@ class Copy:
 
 @dataclass(slots=True)
 class Message:
-    """A committed message: its envelope, copies, and where its content lies."""
+    """A committed message: its envelope, copies, and where its content lies.
+
+    ``copies`` holds the latest state of each copy, by index; only
+    ``update`` changes it, one whole Copy at a time."""
 
     envelope: Envelope
     copies: list[Copy]
@@ -252,12 +257,17 @@ class Message:
         """Copies not settled yet."""
         return [c for c in self.copies if not c.settled]
 
+    def update(self, index: int, **changes: object) -> Copy:
+        """Replace copy ``index`` with one with ``changes``; returns it."""
+        copy = self.copies[index] = replace(self.copies[index], **changes)
+        return copy
+
 
 class AttemptOutcome(NamedTuple):
     """One delivery attempt at a copy, as ``record_outcomes`` records it
-    (a tuple: built per attempt on the event loop). ``copy`` in memory
-    already holds its state after the attempt (attempts, recipients still
-    to deliver, next attempt, settled)."""
+    (a tuple: built per attempt on the event loop). ``copy`` is the
+    copy's state after the attempt (attempts, recipients still to deliver,
+    next attempt, settled), already in ``message.copies``."""
 
     message: Message
     copy: Copy
@@ -632,7 +642,7 @@ def _decode_state(data: bytes, targets: Sequence[Target]) -> dict[int, Copy]:
         copies[index] = Copy(
             index=index,
             destination=targets[index].destination,  # the header is authoritative
-            recipients=list(_strs(raw, "recipients")),
+            recipients=_strs(raw, "recipients"),
             attempts=_int(raw, "attempts"),
             next_attempt=_num(raw, "next_attempt"),
             last_reply=_str(raw, "last_reply"),
@@ -777,7 +787,7 @@ class SpoolFile:
         from what this writer already knows (no read from disk), with its
         content in memory when small."""
         copies = [
-            Copy(index=i, destination=t.destination, recipients=list(t.recipients))
+            Copy(index=i, destination=t.destination, recipients=t.recipients)
             for i, t in enumerate(self.targets)
         ]
         # One chunk only: several would leave for each backup as several
@@ -1140,7 +1150,7 @@ class Spool:
                 except OSError:
                     pass
         copies = [
-            recorded.get(i) or Copy(index=i, destination=t.destination, recipients=list(t.recipients))
+            recorded.get(i) or Copy(index=i, destination=t.destination, recipients=t.recipients)
             for i, t in enumerate(targets)
         ]
         return Message(envelope, copies, offset, length)
@@ -1208,7 +1218,8 @@ class Spool:
             for c in message.copies:
                 recorded = on_disk.get(c.index)
                 if recorded is not None and recorded.settled and not c.settled:
-                    c.settled = settled_elsewhere = True
+                    message.update(c.index, settled=True)
+                    settled_elsewhere = True
         if all(c.settled for c in message.copies):
             # Message first: if we crash in between, an orphan state file is
             # harmless and recover() removes it.
@@ -1450,7 +1461,7 @@ class Spool:
             if message is not None and index < len(message.copies):
                 copy = message.copies[index]
                 if not copy.settled:
-                    copy.settled = True
+                    message.update(index, settled=True)
                     self.save(message)
                     self._journal_deleted(queue_id, copy)
                     removed += 1

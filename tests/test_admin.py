@@ -66,10 +66,9 @@ def dead_letter(spool: Spool, destination: str, recipients: tuple[str, ...], rec
         f.write(b"Subject: old\r\n\r\nthe body\r\n")
         f.commit()
     message = spool.load(envelope.queue_id)
-    copy = message.copies[0]
-    copy.attempts = 7
+    copy = message.update(0, attempts=7)
     spool.dead_letter(message, copy, list(recipients), UNKNOWN_USER, received_at + 10)
-    copy.settled = True
+    message.update(0, settled=True)
     spool.save(message)
     return f"{envelope.queue_id}.0"
 
@@ -99,7 +98,7 @@ def test_requeue_makes_a_new_pending_copy_that_a_running_relay_takes(tmp_path):
 
     # The relay takes it once; a relay started later finds it in msg/.
     [message] = relay_side.take_requeued()
-    assert f"{message.queue_id}.0" == new_id and message.pending()[0].recipients == ["carol@example.com"]
+    assert f"{message.queue_id}.0" == new_id and message.pending()[0].recipients == ("carol@example.com",)
     assert relay_side.take_requeued() == []
     assert Spool(tmp_path / "spool").take_requeued() == []
     assert admin.requeue(dead_id) is None  # the dead letter is gone

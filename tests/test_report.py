@@ -78,14 +78,14 @@ def test_build_report_counts_and_refusals(spool):
     event(spool, "refused", "new:25", NOW - 7200, recipient="old@gone.org", reply="too old")
     event(spool, "deleted", "new:25", NOW - 20, recipients=["z@z"])  # not counted
     message = spool_message(spool, [Target("new:25", ("a@x",)), Target("archive:25", ("a@x",))])
-    message.copies[1].settled = True
+    message.update(1, settled=True)
     spool.save(message)
     retrying = spool_message(spool, [Target("new:25", ("q@x",))])
-    retrying.copies[0].attempts = 1
+    retrying.update(0, attempts=1)
     spool.save(retrying)
     dead = spool_message(spool, [Target("new:25", ("b@y",))])
     spool.dead_letter(dead, dead.copies[0], ["b@y"], "550 5.1.1 no", NOW - 50)
-    dead.copies[0].settled = True
+    dead.update(0, settled=True)
     spool.save(dead)
 
     reports = build_report(spool, since, destinations=["new:25", "archive:25", "idle:25"])
@@ -195,13 +195,9 @@ def test_queue_entries_pending_and_dead(spool):
         spool, [Target("new:25", ("a@x", "b@x")), Target("archive:25", ("a@x",))], received_at=NOW - 120
     )
     qid = message.queue_id
-    copy = message.copies[0]
-    copy.recipients = ["a@x"]
-    copy.attempts = 2
-    copy.last_reply = "451 4.3.0 later"
-    copy.next_attempt = NOW + 60
+    copy = message.update(0, recipients=("a@x",), attempts=2, last_reply="451 4.3.0 later", next_attempt=NOW + 60)
     spool.dead_letter(message, copy, ["b@x"], "550 5.1.1 b unknown", now=NOW - 5)
-    message.copies[1].settled = True
+    message.update(1, settled=True)
     spool.save(message)
 
     entries = queue_entries(spool, now=NOW)

@@ -151,8 +151,8 @@ def test_commit_then_messages_sees_content_intact(spool):
     message = messages[0]
     assert message.envelope == envelope
     assert [(c.index, c.destination, c.recipients, c.attempts, c.settled) for c in message.copies] == [
-        (0, "backup1:25", ["bob@example.com", "carol@example.net"], 0, False),
-        (1, "archive:25", ["bob@example.com"], 0, False),
+        (0, "backup1:25", ("bob@example.com", "carol@example.net"), 0, False),
+        (1, "archive:25", ("bob@example.com",), 0, False),
     ]
     assert message.content_length == len(CONTENT)
     assert read_content(spool, message) == CONTENT
@@ -326,10 +326,10 @@ def test_utf8_addresses_stored_as_utf8(spool):
 def test_save_with_every_copy_settled_removes_the_message(spool):
     envelope = spool_message(spool)
     message = spool.load(envelope.queue_id)
-    message.copies[0].settled = True
+    message.update(0, settled=True)
     spool.save(message)
     assert spool.load(envelope.queue_id) is not None
-    message.copies[1].settled = True
+    message.update(1, settled=True)
     spool.save(message)
     assert spool.load(envelope.queue_id) is None
     assert files_under(os.path.join(spool.directory, "msg")) == []
@@ -339,12 +339,9 @@ def test_save_with_every_copy_settled_removes_the_message(spool):
 def test_partial_state_is_persisted_and_reloaded(spool):
     envelope = spool_message(spool)
     message = spool.load(envelope.queue_id)
-    first = message.copies[0]
-    first.recipients = ["carol@example.net"]
-    first.attempts = 3
-    first.next_attempt = 1700000240.0
-    first.last_reply = "451 4.3.0 try later"
-    message.copies[1].settled = True
+    message.update(0, recipients=("carol@example.net",), attempts=3, next_attempt=1700000240.0,
+                   last_reply="451 4.3.0 try later")
+    message.update(1, settled=True)
     spool.save(message)
     state_path = os.path.join(spool.directory, "msg", envelope.queue_id + ".state")
     assert stat.S_IMODE(os.stat(state_path).st_mode) == 0o600
@@ -359,7 +356,7 @@ def test_save_keeps_a_copy_settled_by_another_process(spool):
     envelope = spool_message(spool)
     in_relay = spool.load(envelope.queue_id)
     assert spool.delete(copy_id(envelope.queue_id, 1)) == 1  # `queue delete` meanwhile
-    in_relay.copies[0].attempts = 1
+    in_relay.update(0, attempts=1)
     spool.save(in_relay)  # must not resurrect copy 1
     assert in_relay.copies[1].settled
     assert [c.index for c in spool.load(envelope.queue_id).pending()] == [0]
@@ -369,7 +366,7 @@ def test_save_after_message_deleted_leaves_no_orphan_state(spool):
     envelope = spool_message(spool)
     in_relay = spool.load(envelope.queue_id)
     spool.delete(envelope.queue_id)
-    in_relay.copies[0].attempts = 1
+    in_relay.update(0, attempts=1)
     spool.save(in_relay)
     assert files_under(os.path.join(spool.directory, "msg")) == []
 
@@ -468,19 +465,18 @@ def test_recover_removes_crash_leftovers_and_keeps_committed(spool):
 def test_dead_letter_keeps_content_after_message_removed(spool):
     envelope = spool_message(spool)
     message = spool.load(envelope.queue_id)
-    copy = message.copies[1]
-    copy.attempts = 4
+    copy = message.update(1, attempts=4)
     letter = spool.dead_letter(message, copy, copy.recipients, "550 5.1.1 no such user", now=1700000100.0)
     assert letter.id == f"{envelope.queue_id}.1"
     assert letter.recipients == ("bob@example.com",)
-    assert copy.settled is False and copy.recipients == ["bob@example.com"]  # caller's job
+    assert message.copies[1] == copy  # unchanged: settling is record_outcomes' job
     msg_path = os.path.join(spool.directory, "msg", envelope.queue_id)
     dead_path = os.path.join(spool.directory, "dead", letter.id)
     assert os.stat(msg_path).st_ino == os.stat(dead_path).st_ino  # linked, not copied
     assert stat.S_IMODE(os.stat(dead_path + ".json").st_mode) == 0o600
 
     for c in message.copies:
-        c.settled = True
+        message.update(c.index, settled=True)
     spool.save(message)
     assert spool.load(envelope.queue_id) is None
 
@@ -512,11 +508,8 @@ def test_record_outcomes_journals_then_dead_letters_then_saves_each_message_once
     other = spool_message(spool)
     now = time.time()  # journal lines go to the day file of their time: all of today
     message, second = spool.load(envelope.queue_id), spool.load(other.queue_id)
-    first, dead_copy = message.copies
-    for copy in message.copies:
-        copy.attempts, copy.settled = 1, True
-    waiting = second.copies[0]
-    waiting.attempts, waiting.next_attempt, waiting.recipients = 1, 1700000200.0, ["carol@example.net"]
+    first, dead_copy = (message.update(i, attempts=1, settled=True) for i in range(2))
+    waiting = second.update(0, attempts=1, next_attempt=1700000200.0, recipients=("carol@example.net",))
     errors = spool.record_outcomes([
         AttemptOutcome(message, first, ["bob@example.com"], [], [("carol@example.net", "550 5.1.1 unknown")],
                        ["carol@example.net"], "250 2.0.0 ok", "550 5.1.1 unknown", now),
@@ -539,7 +532,7 @@ def test_record_outcomes_journals_then_dead_letters_then_saves_each_message_once
     with open(os.path.join(spool.directory, "dead", f"{envelope.queue_id}.1"), "rb") as f:
         assert f.read().partition(b"\n")[2] == CONTENT
     reloaded = spool.load(other.queue_id)
-    assert reloaded.copies[0].recipients == ["carol@example.net"]
+    assert reloaded.copies[0].recipients == ("carol@example.net",)
     assert reloaded.copies[0].next_attempt == 1700000200.0
 
 
@@ -606,7 +599,7 @@ def test_delete_one_dead_letter(spool):
     message = spool.load(envelope.queue_id)
     copy = message.copies[1]
     spool.dead_letter(message, copy, copy.recipients, "550", now=1.0)
-    copy.settled = True
+    message.update(1, settled=True)
     spool.save(message)
     assert spool.delete(f"{envelope.queue_id}.1") == 1
     assert list(spool.dead_letters()) == []
@@ -749,7 +742,7 @@ def test_spool_imports_only_stdlib():
 
 def _settle(spool, message):
     for copy in message.copies:
-        copy.settled = True
+        message.update(copy.index, settled=True)
     spool.save(message)
 
 
