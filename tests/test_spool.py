@@ -336,6 +336,18 @@ def test_save_with_every_copy_settled_removes_the_message(spool):
     assert files_under(os.path.join(spool.directory, "tmp")) == []
 
 
+def test_a_small_message_is_read_whole_with_its_header_a_large_one_is_not(spool):
+    """A queued small message needs no second read to be delivered: its
+    content comes with the header's read. A large one is read when sent."""
+    small = spool.load(spool_message(spool).queue_id)
+    assert small.content is not None and b"".join(small.content) == CONTENT
+    large_content = b"x" * 8000 + b"\r\n"
+    large = spool.load(spool_message(spool, content=large_content).queue_id)
+    assert large.content is None
+    with spool.open_content(large) as f:
+        assert f.read(large.content_length) == large_content
+
+
 def test_partial_state_is_persisted_and_reloaded(spool):
     envelope = spool_message(spool)
     message = spool.load(envelope.queue_id)
@@ -760,6 +772,31 @@ def test_settled_files_are_reused_and_overwritten_to_the_exact_length(tmp_path):
     [message] = list(spool.messages())
     with spool.open_content(message) as f:
         assert f.read() == b"short\r\n"  # nothing of the longer old content is left
+
+
+def test_settling_renames_files_away_and_trim_free_removes_the_surplus(tmp_path, monkeypatch):
+    """Settling a message costs renames, not unlinks: its file and its
+    state file go to free/, past FREE_FILES_MAX up to FREE_FILES_SURPLUS
+    more; trim_free (off the delivery's path) cuts free/ back, and beyond
+    the surplus files are unlinked at once."""
+    from smtpdup import spool as spool_module
+
+    monkeypatch.setattr(spool_module, "FREE_FILES_MAX", 2)
+    monkeypatch.setattr(spool_module, "FREE_FILES_SURPLUS", 4)
+    spool = Spool(tmp_path / "spool")
+    free = tmp_path / "spool" / "free"
+    messages = [spool.load(spool_message(spool).queue_id) for _ in range(4)]
+    for n, message in enumerate(messages):
+        message.update(0, settled=True)
+        spool.save(message)  # a state file now
+        message.update(1, settled=True)
+        spool.save(message)
+        assert spool.load(message.queue_id) is None
+        assert len(os.listdir(free)) == min(2 * (n + 1), 6)
+    assert files_under(os.path.join(spool.directory, "msg")) == []
+    assert spool.trim_free() == 4
+    assert len(os.listdir(free)) == 2
+    assert spool.trim_free() == 0
 
 
 def test_large_or_linked_files_are_not_kept_for_reuse(tmp_path):
