@@ -145,6 +145,7 @@ class Scheduler:
         self._down: dict[str, _Down] = {}  # destinations backed off after a site failure
         self.lag = 0.0  # the event loop's lateness, smoothed (see _watch_lag)
         self._lag_watch: gevent.Greenlet | None = None
+        self._trimming: gevent.Greenlet | None = None
 
     # -- intake ---------------------------------------------------------
 
@@ -253,6 +254,8 @@ class Scheduler:
             self._greenlet.kill(timeout=timeout)
         if self._lag_watch is not None:
             self._lag_watch.kill(timeout=timeout)
+        if self._trimming is not None:
+            self._trimming.join(timeout=timeout)
 
     def _run(self) -> None:
         next_poll = 0.0
@@ -263,12 +266,25 @@ class Scheduler:
                 self._poll_spool()
                 self._expire_down(now)
                 self._update_gauges(now)
+                self._trim_free()
             self._promote(now)
             self._dispatch()
             due = [self._next_due(dest, heap) for dest, heap in self._delayed.items() if heap and self._room(dest)]
             timeout = max(0.0, min([next_poll, *due]) - time.time())
             self._wake.wait(timeout)
             self._wake.clear()
+
+    def _trim_free(self) -> None:
+        """Remove the spool's surplus of recycled files (Spool.trim_free)
+        in the threadpool, beside the deliveries, not in their way."""
+        if self._trimming is None or self._trimming.dead:
+            self._trimming = gevent.spawn(self._trim_logged)
+
+    def _trim_logged(self) -> None:
+        try:
+            blocking(self.spool.trim_free)
+        except OSError as exc:
+            log.error("spool_trim_failed", extra={"error": str(exc)})
 
     def _watch_lag(self) -> None:
         """Sample how late the event loop wakes a timer: near 0 while the
@@ -524,10 +540,12 @@ class Scheduler:
                 return upstream
             destination = self._destination(dest_name)
             if destination is None:
-                self._finish(message, copy, Attempt(
-                    deferred=list(copy.recipients),
-                    reply=Reply(451, "4.3.5", f"{dest_name} is no longer configured"),
-                ), 0.0)
+                # Removed by a reload: like a site failure, one attempt per
+                # back-off interval, not one per copy, until it is configured
+                # again or the copies expire.
+                reply = Reply(451, "4.3.5", f"{dest_name} is no longer configured")
+                self._finish(message, copy, Attempt(deferred=list(copy.recipients), reply=reply), 0.0)
+                self._back_off(dest_name, reply)
                 return upstream
             started = time.monotonic()
             if upstream is None or not upstream.connected:

@@ -782,6 +782,30 @@ def test_an_outage_costs_one_attempt_per_back_off_not_one_per_copy(upstreams, re
     wait_until(lambda: pending._value.get() == 0, timeout=5, what="the gauge to reach 0")
 
 
+def test_a_backup_removed_from_the_configuration_is_backed_off_not_retried_per_copy(upstreams, relay, tmp_path):
+    """Copies left for a backup no longer configured wait like those of a
+    backup that is down: one attempt per back-off interval, not one per
+    copy (a backlog of them would otherwise be retried, saved and
+    journalled copy by copy, forever); the other backup is unaffected."""
+    primary, (gone, kept), addresses = _backlog(upstreams, relay, tmp_path, 40)
+    keys = {"relay_retry_initial_seconds": 0.5, "relay_retry_max_interval_seconds": 1}
+    started = time.monotonic()
+    service = relay(primary.address, [kept.address], **{**NEVER, **keys})
+    service.spool.request_flush()
+    kept.wait_for(40, timeout=20)
+
+    def attempts() -> int:
+        return sum(e["attempts"] for e in queue_entries(service.spool) if e["destination"] == gone.address)
+
+    wait_until(lambda: attempts() >= 2, timeout=15, what="two attempts for the removed backup")
+    elapsed = time.monotonic() - started
+    bound = elapsed / 0.5 + 1 + service.config.relay.backup_concurrency
+    total = attempts()
+    assert total <= bound < 40 and total < 40, f"{total} attempts in {elapsed:.1f}s for 40 copies"
+    assert gone.count() == 0
+    assert len(queue_entries(service.spool)) == 40
+
+
 def test_copies_waiting_out_a_back_off_still_expire(upstreams, relay, tmp_path):
     """The backup is backed off for an hour after its first 451; copies that
     reach retry_max_age_seconds meanwhile are dead-lettered, not left to
