@@ -50,6 +50,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Backup 2 is up a third of the time; each fault takes a sixth.
 MODES = ("up", "up", "down", "421", "451", "hang")
 RELAY_TIMEOUT_SECONDS = 2
+# How often the drain's end is checked (a listing of the spool's msg/).
+DRAIN_POLL_SECONDS = 1.0
 # relay.backup_concurrency: the relay's default unless --backup-concurrency.
 BACKUP_CONCURRENCY = 32
 
@@ -338,7 +340,10 @@ def run(cycles: int, clients: int, min_up: float, max_up: float, flap: float,
             if relay.pending() == 0:
                 drained = time.monotonic() - drain_started
                 break
-            time.sleep(0.1)
+            # Listing msg/ costs about 0.75 µs per file: with 80,000
+            # messages (160,000 files) a poll every 0.1 s would take half a
+            # core from the relay on a 2-core machine.
+            time.sleep(DRAIN_POLL_SECONDS)
         status = relay.kill(signal.SIGTERM)
         accepted = set(load.accepted)
         peers.collect()
