@@ -688,14 +688,14 @@ class Scheduler:
         if dead:
             metrics.BACKUP_DELIVERIES.labels(dest, "dead").inc()
             self._next_dead_count = 0.0  # recount at the next poll
-        if verdict.next_attempt is not None:
-            copy = message.update(copy.index, attempts=attempts, last_reply=reply_text,
-                                  recipients=tuple(deferred), next_attempt=verdict.next_attempt)
+        settled = verdict.next_attempt is None
+        copy = message.update(
+            copy.index, attempts=attempts, last_reply=reply_text, recipients=tuple(deferred), settled=settled,
+            next_attempt=copy.next_attempt if settled else verdict.next_attempt,
+        )
+        if not settled:
             heapq.heappush(self._delayed[dest], (copy.next_attempt, _key(message, copy)))
             metrics.BACKUP_DELIVERIES.labels(dest, "deferred").inc()
-        else:
-            copy = message.update(copy.index, attempts=attempts, last_reply=reply_text,
-                                  recipients=tuple(deferred), settled=True)
         try:
             # Batched: outcomes recorded one after another in one thread,
             # so the saves of a message never overtake each other; the

@@ -175,7 +175,6 @@ def run_workers(config: Config, metrics_dir: str, load_config: Callable[[], Conf
         for pid in list(children):
             _signal(pid, signal.SIGHUP)
 
-
     watchers.append(gevent.signal_handler(signal.SIGTERM, terminate))
     watchers.append(gevent.signal_handler(signal.SIGINT, terminate))
     watchers.append(gevent.signal_handler(signal.SIGHUP, reload_config, load_config, apply, lambda: summary))
