@@ -367,7 +367,7 @@ def test_spool_write_failure_mid_data_gives_451_and_primary_gets_nothing(upstrea
     backup.wait_for(1)
     assert subjects(backup) == ["small"]
     assert subjects(primary) == ["small"]  # the big one never got its final dot
-    assert spool_idle(environ)
+    wait_until(lambda: spool_idle(environ), what="the spool to empty")
     assert any(e.get("event") == "spool_write_failed" for e in relay.events())
 
 
@@ -803,6 +803,13 @@ def test_a_backup_removed_from_the_configuration_is_backed_off_not_retried_per_c
     total = attempts()
     assert total <= bound < 40 and total < 40, f"{total} attempts in {elapsed:.1f}s for 40 copies"
     assert gone.count() == 0
+    # The kept backup's copies settle once its answers are recorded; the
+    # removed backup's 40 stay.
+    wait_until(
+        lambda: all(e["destination"] == gone.address for e in queue_entries(service.spool)),
+        timeout=10,
+        what="the kept backup's copies to settle",
+    )
     assert len(queue_entries(service.spool)) == 40
 
 
