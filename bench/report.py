@@ -23,7 +23,7 @@ TARGET_PRIMARY_ONLY_CASE = "primary-only-1k-1rcpt-reuse"
 BEFORE_SECONDARY_CASES = ("1k-10rcpt-reuse", "1k-10rcpt-noreuse", "100k-1rcpt-reuse", "100k-1rcpt-noreuse")
 FRONT_CASE = "postfix-front"
 
-LABEL = {"direct": "DIRECT", "postfix": "POSTFIX", "relay": "RELAY", "before": "BEFORE",
+LABEL = {"direct": "DIRECT", "postfix": "POSTFIX", "relay": "RELAY", "before": "BEFORE", "floor": "FLOOR", "floor-nodisk": "FLOOR-NODISK",
          "postfix-sink": "POSTFIX→sink", "front-relay": "POSTFIX→RELAY", "front-before": "POSTFIX→BEFORE"}
 
 
@@ -155,6 +155,11 @@ def _main_table(results: dict) -> list[str]:
     if before:
         head += " BEFORE e2e | BEFORE CPU µs/msg | RELAY/BEFORE e2e | RELAY/BEFORE CPU |"
         rule += "---:|---:|---:|---:|"
+    floor = any("floor" in c["systems"] for c in cases)
+    if floor:
+        head += (" FLOOR e2e | FLOOR CPU µs/msg | RELAY/FLOOR CPU | FLOOR-NODISK CPU µs/msg |"
+                 + (" FLOOR/BEFORE CPU | FLOOR-NODISK/BEFORE CPU |" if before else ""))
+        rule += "---:|---:|---:|---:|" + ("---:|---:|" if before else "")
     lines = [head, rule]
     for case in cases:
         systems = case["systems"]
@@ -177,10 +182,19 @@ def _main_table(results: dict) -> list[str]:
             line += (f" {_fmt(med('before', 'e2e_msg_per_s'))} | {_fmt(med('before', 'cpu_us_per_msg'))} "
                      f"| {_fmt(ratios.get('relay_vs_before_e2e', {}).get('median'), 2)} "
                      f"| {_fmt(ratios.get('relay_vs_before_cpu', {}).get('median'), 2)} |")
+        if floor:
+            line += (f" {_fmt(med('floor', 'e2e_msg_per_s'))} | {_fmt(med('floor', 'cpu_us_per_msg'))} "
+                     f"| {_fmt(ratios.get('relay_vs_floor_cpu', {}).get('median'), 2)} "
+                     f"| {_fmt(med('floor-nodisk', 'cpu_us_per_msg'))} |")
+            if before:
+                line += (f" {_fmt(ratios.get('floor_vs_before_cpu', {}).get('median'), 2)} "
+                         f"| {_fmt(ratios.get('floor-nodisk_vs_before_cpu', {}).get('median'), 2)} |")
         lines.append(line)
     lines += ["", "Throughput in msg/s; e2e = until every copy reached every sink. Ratios are per run, then the "
               "median. CPU per message: the relay process; every process of the Postfix instance."
               + (" BEFORE: the relay at the baseline commit, alternated with the others." if before else "")
+              + (" FLOOR: bench/floor.py, the least a gevent relay does for the same job (an fsynced file per "
+                 "message); FLOOR-NODISK: the same keeping nothing on disk." if floor else "")
               + " Failed runs are left out (see the JSON)."]
     return lines
 

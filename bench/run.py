@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sessions", type=int, default=20, help="parallel sessions (smtp-source -s; default 20)")
     parser.add_argument("--cases", default="*",
                         help="comma-separated names or shell patterns of cases and extras to run (default: all)")
-    parser.add_argument("--systems", help="subset of direct,postfix,relay,before (default: all; before only "
+    parser.add_argument("--systems", help="subset of direct,postfix,relay,before,floor,floor-nodisk (default: all; before only "
                                           "with --baseline)")
     parser.add_argument("--baseline", metavar="REF",
                         help="also run the relay at commit REF (git worktree) as BEFORE, beside RELAY")

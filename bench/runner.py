@@ -16,7 +16,7 @@ from pathlib import Path
 from probes import CLOCK_TICKS, HELO, KIB, LOCALHOST, SENDER, BenchError, Processes, progress
 from report import FRONT_CASE, TARGET_PRIMARY_ONLY_CASE, label, medians, run_ratios
 from smtpclient import load as python_load
-from systems import (Baseline, Direct, FrontRoute, Postfix, PostfixFront, PrivatePostfix, Relay, Sink, System,
+from systems import (Baseline, Direct, Floor, FrontRoute, Postfix, PostfixFront, PrivatePostfix, Relay, Sink, System,
                      Tools)
 
 NO_PROGRESS_SECONDS = 45.0  # sinks counting nothing new: the run failed
@@ -26,7 +26,9 @@ MAX_POLL_SECONDS = 0.02
 SETTLE_SECONDS = 0.5  # between runs: backup workers linger, sockets close
 WARMUP_MESSAGES = 200  # one discarded run per system and case before the measured ones
 
-SYSTEMS = ("direct", "postfix", "relay", "before")
+SYSTEMS = ("direct", "postfix", "relay", "before", "floor", "floor-nodisk")
+# FLOOR and FLOOR-NODISK (bench/floor.py) run in the cases of issue 10's targets only.
+FLOOR_CASES = ("1k-1rcpt-reuse", "1k-1rcpt-noreuse")
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,8 @@ def main_cases() -> list[Case]:
         for rcpts in (1, 10):
             for reuse in (True, False):
                 name = f"{size_name}-{rcpts}rcpt-{'reuse' if reuse else 'noreuse'}"
-                cases.append(Case(name, size, rcpts, reuse, SYSTEMS,
+                systems = SYSTEMS if name in FLOOR_CASES else tuple(s for s in SYSTEMS if not s.startswith("floor"))
+                cases.append(Case(name, size, rcpts, reuse, systems,
                                   description=f"{size_name.upper()}iB, {rcpts} recipient(s), "
                                               f"{'connection reuse (-d)' if reuse else 'a connection per message'}"))
     cases.append(Case(TARGET_PRIMARY_ONLY_CASE, KIB, 1, True, ("direct", "relay", "before"), backups=0,
@@ -274,6 +277,13 @@ class Bench:
                         relay = self.relay(case.name, backups=case.backups, before=name == "before")
                         relays.append(relay)
                         systems[name] = relay
+                    elif name in ("floor", "floor-nodisk"):
+                        self.relay_count += 1
+                        floor = Floor(self.procs, self.workdir, f"{self.relay_count}-{name}-{case.name}",
+                                      self.sink("relay-primary"), [self.sink(f"relay-backup{i}") for i in (1, 2)],
+                                      disk=name == "floor")
+                        relays.append(floor.start())
+                        systems[name] = floor
                 except BenchError as exc:
                     progress(f"{case.name}: {label(name)} could not start: {exc}")
                     setup_errors[name] = str(exc)
@@ -299,6 +309,10 @@ class Bench:
                     "relay_vs_before_e2e": run_ratios(results, "relay", "before", "e2e_msg_per_s"),
                     "relay_vs_before_client": run_ratios(results, "relay", "before", "client_msg_per_s"),
                     "relay_vs_before_cpu": run_ratios(results, "relay", "before", "cpu_us_per_msg"),
+                    "relay_vs_floor_cpu": run_ratios(results, "relay", "floor", "cpu_us_per_msg"),
+                    "floor_vs_before_cpu": run_ratios(results, "floor", "before", "cpu_us_per_msg"),
+                    "floor_vs_before_e2e": run_ratios(results, "floor", "before", "e2e_msg_per_s"),
+                    "floor-nodisk_vs_before_cpu": run_ratios(results, "floor-nodisk", "before", "cpu_us_per_msg"),
                 },
             }
         finally:

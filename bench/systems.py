@@ -5,6 +5,10 @@
 - ``Relay``: smtpdup in a subprocess, configured through ``SMTP_DUP_*``
   only; the BEFORE system is the same with ``PYTHONPATH`` on a ``Baseline``.
 - ``Baseline``: a commit checked out in a ``git worktree`` (temporary).
+- ``Floor``: ``bench/floor.py``, the least a gevent relay does for the same
+  job (lockstep primary, an fsynced file per message, two backups), as the
+  floor under the relay's CPU per message; FLOOR-NODISK the same with no
+  file at all.
 - ``Postfix``: a private Postfix doing smtpdup's job (``always_bcc``).
 - ``PostfixFront``: a private Postfix in front, its transport map sending one
   test domain per route to smtpdup (or straight to a sink), as the README's
@@ -303,6 +307,32 @@ class Relay(System):
             if status not in (0, None):
                 progress(f"relay {self.label} exited with status {status}: {self.log_tail()}")
             self.proc = None
+
+
+class Floor(Relay):
+    """``bench/floor.py`` with the relay's sinks: the same job, nothing more."""
+
+    def __init__(self, procs: Processes, workdir: Path, label: str, primary: Sink, backups: list[Sink],
+                 *, disk: bool = True) -> None:
+        super().__init__(procs, workdir, label, primary, backups, name="floor" if disk else "floor-nodisk")
+        self.disk = disk
+        self.primary_port = primary.port
+        self.backup_ports = [s.port for s in backups]
+
+    def launch(self) -> subprocess.Popen:
+        argv = [sys.executable, str(BENCH_DIR / "floor.py"), "--listen", str(self.port),
+                "--primary", str(self.primary_port), "--backups", ",".join(map(str, self.backup_ports)),
+                "--spool", str(self.spool_dir)] + ([] if self.disk else ["--no-spool"])
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = self.procs.start(f"{self.name} {self.label}", argv, env=self.env, cwd=self.dir,
+                                         stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        finally:
+            log.close()
+        return self.proc
+
+    def describe_failure(self) -> str:
+        return f"{self.name} died: {self.log_tail()}"
 
 
 # --- the baseline: another commit's relay -------------------------------------------

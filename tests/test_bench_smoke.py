@@ -54,7 +54,7 @@ def test_quick_bench_writes_json_and_table(bench_tmp):
     out = tmp_path / "results"
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--cases", "1k-1rcpt-reuse,postfix-front,drain",
-         "--systems", "direct,relay", "--baseline", "HEAD", "--messages", str(MESSAGES),
+         "--systems", "direct,relay,floor,floor-nodisk", "--baseline", "HEAD", "--messages", str(MESSAGES),
          "--drain-copies", str(DRAIN_COPIES), "--out", str(out), "--tmpdir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=BENCH_TIMEOUT_SECONDS,
     )
@@ -72,20 +72,22 @@ def test_quick_bench_writes_json_and_table(bench_tmp):
     cases = {c["name"]: c for c in results["cases"]}
     assert set(cases) == {"1k-1rcpt-reuse", "postfix-front"}
     case = cases["1k-1rcpt-reuse"]
-    assert set(case["systems"]) == {"direct", "relay", "before"}
+    assert set(case["systems"]) == {"direct", "relay", "before", "floor", "floor-nodisk"}
     for name, system in case["systems"].items():
         (run,) = system["runs"]
         assert "error" not in run, run
         assert run["client_msg_per_s"] > 0 and run["e2e_msg_per_s"] > 0
         assert system["median"]["e2e_msg_per_s"] > 0
         assert system["median"]["runs_failed"] == 0
-    for name in ("relay", "before"):
+    for name in ("relay", "before", "floor", "floor-nodisk"):
         run = case["systems"][name]["runs"][0]
         assert run["sink_counts"] == [MESSAGES] * 3  # the primary and both backups got every copy
         assert run["cpu_us_per_msg"] > 0 and run["peak_rss_kib"] > 0
     assert case["ratios"]["relay_vs_direct_e2e"]["median"] > 0
     assert case["ratios"]["relay_vs_before_e2e"]["median"] > 0
     assert case["ratios"]["relay_vs_before_cpu"]["median"] > 0
+    assert case["ratios"]["relay_vs_floor_cpu"]["median"] > 0
+    assert case["ratios"]["floor-nodisk_vs_before_cpu"]["median"] > 0
 
     front = cases["postfix-front"]
     postfix_runs = "skipped" not in front
