@@ -719,8 +719,8 @@ class SpoolFile:
     ``bytes`` written are gathered (references, not copies) and go out in
     one ``writev`` with the header once WRITE_GATHER_BYTES wait, or at
     ``flush``/``sync``: a small message costs one write syscall. Content of
-    at most MEMORY_CONTENT_BYTES in one chunk is also kept, that same
-    object, for ``message().content``.
+    at most MEMORY_CONTENT_BYTES in ``bytes`` chunks is also kept (the
+    chunks, joined once by ``message()``) for ``message().content``.
     """
 
     __slots__ = (
@@ -804,13 +804,12 @@ class SpoolFile:
             Copy(index=i, destination=t.destination, recipients=t.recipients)
             for i, t in enumerate(self.targets)
         ]
-        # One chunk only: several would leave for each backup as several
-        # sends (a loopback send costs more than rereading a cached file);
-        # then the first copy reads the file once for all (delivery.py).
+        # The chunks as received (the Received: line, then the client's),
+        # joined once: each backup gets content and final dot in one send,
+        # and no copy rereads the file.
         kept = self._kept
         return Message(
-            self.envelope, copies, self._header_length, self.content_length,
-            (kept[0],) if kept is not None and len(kept) == 1 else None,
+            self.envelope, copies, self._header_length, self.content_length, (b"".join(kept),) if kept else None,
         )
 
     def sync(self) -> None:
