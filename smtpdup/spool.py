@@ -107,6 +107,7 @@ import errno
 import itertools
 import json
 import os
+import posix
 import re
 import secrets
 import signal
@@ -155,6 +156,12 @@ _COPY_ID_RE = re.compile(r"([0-9a-f]{20})\.([0-9]{1,6})")
 _JOURNAL_RE = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2})\.jsonl")
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+# close(2) itself. Under gevent's monkey-patching os.close first checks the
+# descriptor and stats it (two more syscalls, each a GIL round trip when
+# run in the threadpool) so as to cancel any watcher of the event loop on
+# it; the spool's descriptors are regular files the loop never watches.
+_close = posix.close
 
 # Files in tmp/ opened ahead of time for messages to come (Spool.prepare).
 BLANK_PREFIX = "_"
@@ -440,7 +447,7 @@ def _read_small(path: str, limit: int = MAX_RECORD_BYTES) -> bytes:
                 raise ValueError(f"{path}: longer than {limit} bytes")
             chunks.append(chunk)
     finally:
-        os.close(fd)
+        _close(fd)
 
 
 def _unlink(path: str) -> bool:
@@ -457,7 +464,7 @@ def _fsync_dir(path: str) -> None:
     try:
         os.fsync(fd)
     finally:
-        os.close(fd)
+        _close(fd)
 
 
 def _day_of(t: float) -> tuple[str, float]:
@@ -591,7 +598,7 @@ def _read_head(path: str, queue_id: str) -> tuple[Envelope, tuple[Target, ...], 
             chunk = b"".join(chunks)
         file_size = os.fstat(fd).st_size
     finally:
-        os.close(fd)
+        _close(fd)
     envelope, targets = _decode_header(chunk[:newline], queue_id)
     offset = newline + 1
     content = chunk[offset:] if len(chunk) == file_size else None
@@ -842,7 +849,7 @@ class SpoolFile:
             self.sync()
         fd = self._require_open()
         self._fd = None
-        os.close(fd)
+        _close(fd)
         os.rename(self._tmp_path, self._msg_path)
         self._committed = True
 
@@ -853,7 +860,7 @@ class SpoolFile:
         fd, self._fd = self._fd, None
         if fd is not None:
             try:
-                os.close(fd)
+                _close(fd)
             except OSError:
                 pass
         if not self._committed:
@@ -896,7 +903,7 @@ class _JournalFiles:
             fd = self.by_day.pop(day, None)
             if fd is not None:
                 try:
-                    os.close(fd)
+                    _close(fd)
                 except OSError:
                     pass
 
@@ -914,7 +921,7 @@ class _DirFd:
         fd, self.fd = self.fd, None
         if fd is not None:
             try:
-                os.close(fd)
+                _close(fd)
             except OSError:
                 pass
 
@@ -967,7 +974,7 @@ class Spool:
                     os.write(fd, b"probe\n")
                     os.fsync(fd)
                 finally:
-                    os.close(fd)
+                    _close(fd)
                     _unlink(probe)
             except OSError as exc:
                 raise SpoolError(f"spool: {self.directory} is not writable: {exc}") from None
@@ -1077,6 +1084,20 @@ class Spool:
                     return
             except FileNotFoundError:
                 return
+        _unlink(path)
+
+    def _retire_state(self, path: str) -> None:
+        """``_retire`` for a state file: small and never linked, so no
+        stat; most messages never had one (every copy settled on its first
+        attempt), and the rename that finds none is the only syscall."""
+        if len(self._free) < FREE_FILES_MAX + FREE_FILES_SURPLUS:
+            name = os.path.basename(path)
+            try:
+                os.rename(path, os.path.join(self._free_dir, name))
+            except FileNotFoundError:
+                return
+            self._free.append((name, -1))
+            return
         _unlink(path)
 
     def trim_free(self) -> int:
@@ -1259,7 +1280,7 @@ class Spool:
                 _unlink(self._msg_path(queue_id))
             else:
                 self._retire(self._msg_path(queue_id))
-            self._retire(state_path)
+            self._retire_state(state_path)
             return
         tmp_path = os.path.join(self._tmp, f"{queue_id}.state.{_tmp_name()}")
         fd = os.open(tmp_path, _NEW_FILE_FLAGS, FILE_MODE)
@@ -1267,7 +1288,7 @@ class Spool:
             try:
                 _write_all(fd, [_encode_state(message.copies)])
             finally:
-                os.close(fd)
+                _close(fd)
             os.rename(tmp_path, state_path)
         except BaseException:
             _unlink(tmp_path)
@@ -1279,8 +1300,9 @@ class Spool:
     def record_outcomes(self, outcomes: Sequence[AttemptOutcome]) -> list[BaseException | None]:
         """Blocking: record delivery attempts (one threadpool trip for a
         batch), in the order that keeps the guarantee: per outcome, its
-        journal lines (delivered, deferred, refused), then the dead letter
-        of its dead recipients (content linked, ``dead/`` fsynced); then
+        journal lines (delivered, deferred, refused; those of consecutive
+        outcomes in one write), then the dead letter of its dead recipients
+        (content linked, ``dead/`` fsynced); then
         every message touched is saved once, after its last outcome in the
         batch (state is cumulative, so one save records them all, and a
         message file whose copies are all settled goes only after their
@@ -1289,23 +1311,42 @@ class Spool:
         only."""
         errors: list[BaseException | None] = [None] * len(outcomes)
         last: dict[int, int] = {}  # id(message) -> index of its last outcome
+        # Journal lines wait here (with their outcomes' indexes) and go out
+        # in one write: before a dead letter, and before the saves.
+        pending: list[tuple[float, bytes]] = []
+        waiting: list[int] = []
+
+        def write_pending() -> None:
+            if pending:
+                try:
+                    self.journal_write(pending)
+                except OSError as exc:
+                    for j in waiting:
+                        errors[j] = errors[j] or exc
+                pending.clear()
+                waiting.clear()
+
         for i, outcome in enumerate(outcomes):
             message, copy = outcome.message, outcome.copy
             last[id(message)] = i
-            try:
-                if outcome.delivered:
-                    self.journal_delivered(message, copy, outcome.delivered)
-                if outcome.deferred:
-                    self.journal_deferred(message, copy, outcome.deferred, outcome.reply)
-                for recipient, reply in outcome.refused:
-                    self.journal_refused(message, copy, recipient, reply)
-                if outcome.dead:
-                    try:
-                        self.dead_letter(message, copy, outcome.dead, outcome.reason, outcome.now)
-                    except FileNotFoundError:
-                        pass  # deleted with `queue delete` meanwhile
-            except OSError as exc:
-                errors[i] = exc
+            if outcome.delivered:
+                self.journal_delivered(message, copy, outcome.delivered, pending)
+            if outcome.deferred:
+                self.journal_deferred(message, copy, outcome.deferred, outcome.reply, pending)
+            for recipient, reply in outcome.refused:
+                self.journal_refused(message, copy, recipient, reply, pending)
+            waiting.append(i)
+            if outcome.dead:
+                write_pending()
+                if errors[i] is not None:
+                    continue  # its journal lines failed: no dead letter either
+                try:
+                    self.dead_letter(message, copy, outcome.dead, outcome.reason, outcome.now)
+                except FileNotFoundError:
+                    pass  # deleted with `queue delete` meanwhile
+                except OSError as exc:
+                    errors[i] = exc
+        write_pending()
         for i in sorted(last.values()):
             message = outcomes[i].message
             try:
@@ -1368,7 +1409,7 @@ class Spool:
             try:
                 _write_all(fd, [_dumps(record)])
             finally:
-                os.close(fd)
+                _close(fd)
             os.rename(tmp_path, record_path)
         except BaseException:
             _unlink(tmp_path)
@@ -1550,7 +1591,7 @@ class Spool:
         try:
             _write_all(fd, [_dumps(record) + b"\n"])
         finally:
-            os.close(fd)
+            _close(fd)
         os.rename(tmp_path, self._flush)
 
     def _read_flush(self) -> frozenset[str] | None:
@@ -1645,16 +1686,16 @@ class Spool:
                     _copy_range(src, dst, offset, length)
                     os.fsync(dst)
                 finally:
-                    os.close(dst)
+                    _close(dst)
                 os.rename(tmp_path, self._msg_path(queue_id))
             except BaseException:
                 _unlink(tmp_path)
                 raise
         finally:
-            os.close(src)
+            _close(src)
         self.sync_directory()
         os.makedirs(self._requeue_dir, mode=DIR_MODE, exist_ok=True)
-        os.close(os.open(os.path.join(self._requeue_dir, queue_id), _NEW_FILE_FLAGS, FILE_MODE))
+        _close(os.open(os.path.join(self._requeue_dir, queue_id), _NEW_FILE_FLAGS, FILE_MODE))
         new_id = copy_id(queue_id, 0)
         self.journal(
             {
@@ -1829,32 +1870,54 @@ class Spool:
             new = os.open(path, _APPEND_FLAGS, FILE_MODE)
             fd = files.by_day.setdefault(start, new)
             if fd != new:
-                os.close(new)  # another thread published first
+                _close(new)  # another thread published first
         files.current = (start, start + _SECONDS_PER_DAY, fd)
         for day in list(files.by_day):
             if day < start - _SECONDS_PER_DAY:
                 old = files.by_day.pop(day, None)
                 if old is not None:
-                    os.close(old)
+                    _close(old)
         return fd, False
 
-    def journal(self, event: Mapping[str, object]) -> None:
+    def journal(self, event: Mapping[str, object], pending: list[tuple[float, bytes]] | None = None) -> None:
         """Append one JSON line (one O_APPEND write) to the journal of the UTC
-        day of ``event["t"]`` (set to now if absent). Raises OSError."""
+        day of ``event["t"]`` (set to now if absent). Raises OSError.
+
+        With ``pending``, the line is added there instead, for one
+        ``journal_write`` of many lines."""
         record = dict(event)
         t = record.get("t")
         if isinstance(t, bool) or not isinstance(t, (int, float)):
             t = time.time()
             record = {"t": t, **record}
-        line = _dumps(record) + b"\n"
-        fd, close = self._journal_fd(float(t))
-        try:
-            _write_all(fd, [line])
-        finally:
-            if close:
-                os.close(fd)
+        line = (float(t), _dumps(record) + b"\n")
+        if pending is not None:
+            pending.append(line)
+        else:
+            self.journal_write([line])
 
-    def journal_delivered(self, message: Message, copy: Copy, recipients: Sequence[str]) -> None:
+    def journal_write(self, lines: Sequence[tuple[float, bytes]]) -> None:
+        """Append (t, line) pairs in order, the lines of one day joined in
+        one O_APPEND write (whole, beside other processes' appends; no
+        iovec limit). Raises OSError."""
+        i = 0
+        while i < len(lines):
+            fd, close = self._journal_fd(lines[i][0])
+            j = i + 1
+            if not close:
+                start, end, _ = self._journal_files.current  # set by _journal_fd
+                while j < len(lines) and start <= lines[j][0] < end:
+                    j += 1
+            try:
+                _write_all(fd, [b"".join([line for _, line in lines[i:j]])])
+            finally:
+                if close:
+                    _close(fd)
+            i = j
+
+    def journal_delivered(
+        self, message: Message, copy: Copy, recipients: Sequence[str], pending: list | None = None
+    ) -> None:
         """Journal a successful delivery transaction of ``recipients`` of ``copy``."""
         self.journal(
             {
@@ -1862,10 +1925,13 @@ class Spool:
                 "id": copy_id(message.queue_id, copy.index),
                 "destination": copy.destination,
                 "recipients": list(recipients),
-            }
+            },
+            pending,
         )
 
-    def journal_refused(self, message: Message, copy: Copy, recipient: str, reply: str) -> None:
+    def journal_refused(
+        self, message: Message, copy: Copy, recipient: str, reply: str, pending: list | None = None
+    ) -> None:
         """Journal that the backup permanently refused a recipient the primary accepted."""
         self.journal(
             {
@@ -1874,10 +1940,13 @@ class Spool:
                 "destination": copy.destination,
                 "recipient": recipient,
                 "reply": reply,
-            }
+            },
+            pending,
         )
 
-    def journal_deferred(self, message: Message, copy: Copy, recipients: Sequence[str], reply: str) -> None:
+    def journal_deferred(
+        self, message: Message, copy: Copy, recipients: Sequence[str], reply: str, pending: list | None = None
+    ) -> None:
         """Journal an attempt that left ``recipients`` of ``copy`` to retry
         (4xx, timeout, connection error), with its reply: ``queue show``
         lists every attempt."""
@@ -1888,7 +1957,8 @@ class Spool:
                 "destination": copy.destination,
                 "recipients": list(recipients),
                 "reply": reply,
-            }
+            },
+            pending,
         )
 
     def _journal_days(self) -> list[tuple[str, str]]:

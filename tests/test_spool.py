@@ -687,6 +687,45 @@ def test_journal_day_switches_and_earlier_days(spool):
     assert [e["day"] for e in spool.journal_since(0)] == [0, 1, 1, 2, 3, 4, 4]
 
 
+def test_journal_write_appends_the_lines_of_a_day_in_one_write(spool, monkeypatch):
+    """Lines in order; consecutive lines of one day go out in one write,
+    a line of another day (a late one too) in its own."""
+    base = 1700000000 // DAY * DAY
+    days = [1, 1, 1, 2, 2, 1, 2]
+    pending: list = []
+    for n, day in enumerate(days):
+        spool.journal({"t": base + day * DAY + n, "event": "delivered", "n": n}, pending)
+    assert [e["n"] for e in spool.journal_since(0)] == []  # nothing written yet
+    writes = []
+    real_write = os.write
+    monkeypatch.setattr(spool_module.os, "write", lambda fd, data: (writes.append(fd), real_write(fd, data))[1])
+    spool.journal_write(pending)
+    assert len(writes) == 4  # [1, 1, 1], [2, 2], [1], [2]
+    assert [(e["n"], int(e["t"] - base) // DAY) for e in spool.journal_since(0)] == [
+        (0, 1), (1, 1), (2, 1), (5, 1), (3, 2), (4, 2), (6, 2),
+    ]
+
+
+def test_record_outcomes_writes_the_journal_once_per_batch(spool, monkeypatch):
+    messages = [spool.load(spool_message(spool).queue_id) for _ in range(5)]
+    now = time.time()
+    outcomes = [
+        AttemptOutcome(m, m.update(0, attempts=1, settled=True), ["bob@example.com"], [], [], [], "250 2.0.0 ok", "",
+                       now)
+        for m in messages
+    ]
+    journal_dir = os.path.join(spool.directory, "journal")
+    writes = []
+    real_write = os.write
+    monkeypatch.setattr(
+        spool_module.os, "write",
+        lambda fd, data: (writes.append(os.readlink(f"/proc/self/fd/{fd}")), real_write(fd, data))[1],
+    )
+    assert spool.record_outcomes(outcomes) == [None] * 5
+    assert [w for w in writes if w.startswith(journal_dir)] == [writes[0]]  # one write to the journal
+    assert [e["id"] for e in spool.journal_since(0)] == [f"{m.queue_id}.0" for m in messages]
+
+
 def test_journal_skips_torn_lines(spool):
     spool.journal({"t": 100.0, "event": "delivered", "n": 1})
     path = os.path.join(spool.directory, "journal", "1970-01-01.jsonl")
