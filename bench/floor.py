@@ -1,23 +1,25 @@
 """FLOOR: the least a gevent relay can do for smtpdup's job, as a bench baseline.
 
 What it does, per message, and nothing more: the client's MAIL, RCPT and
-DATA forwarded in lockstep to the primary (one session to the primary per
-client session, as a naive relay would: the bench measures what it costs);
-the content written to its own file and ``fdatasync``ed (in gevent's
-threadpool) before the final dot goes to the primary; the primary's verdict
-returned; a copy handed to each backup, whose sessions stay open and take
-MAIL, RCPT and DATA in one write (RFC 2920) and the content with its dot in
-a second; the file unlinked once every backup said 250.
+DATA forwarded in lockstep to the primary over a session taken from a pool
+of idle ones (as smtpdup shares them across client sessions); the content
+appended to one segment file and ``fdatasync``ed before the final dot goes
+to the primary, one ``writev`` and one ``fdatasync`` in gevent's threadpool
+for every message waiting (group commit: the cheapest durable spool); the
+primary's verdict returned; a copy handed to each backup, whose sessions
+stay open and take MAIL, RCPT and DATA in one write (RFC 2920) and the
+content with its dot in a second, from memory.
 
-What it leaves out, which smtpdup does: retries, state, the journal, dead
-letters, recovery after a crash, parsing and checking of commands (no
-policy, no limits, no smuggling defence), TLS, AUTH, logging and metrics.
-It is not a relay anyone should run; it answers one question: how much of
-smtpdup's CPU per message is the price of doing the job in Python on gevent
-at all (see README, "Targets, and what is left").
+What it leaves out, which smtpdup does: retries, per-copy state, the
+journal, dead letters, recovery after a crash, reclaiming the segment,
+parsing and checking of commands (no policy, no limits, no smuggling
+defence), TLS, AUTH, logging and metrics. It is not a relay anyone should
+run; it answers one question: how much of smtpdup's CPU per message is the
+price of doing the job in Python on gevent at all (see README, "Targets,
+and what is left").
 
-With ``--no-spool`` it keeps nothing on disk (no file, no fsync): the cost
-of the sockets and the event loop alone, as the Go tool it replaces pays.
+With ``--no-spool`` it keeps nothing on disk: the cost of the sockets and
+the event loop alone (the Go tool smtpdup replaces keeps nothing either).
 
     python bench/floor.py --listen PORT --primary PORT --backups PORT,PORT --spool DIR [--no-spool]
 """
@@ -29,11 +31,11 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
-import itertools  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
 
 import gevent  # noqa: E402
+from gevent.event import AsyncResult, Event  # noqa: E402
 from gevent.queue import Queue  # noqa: E402
 from gevent.server import StreamServer  # noqa: E402
 
@@ -97,21 +99,40 @@ def connect(port: int) -> Peer:
 class Floor:
     def __init__(self, primary: int, backups: list[int], spool: str | None) -> None:
         self.primary = primary
-        self.spool = spool
+        self.idle: list[Peer] = []  # primary sessions between transactions
         self.queues = [Queue() for _ in backups]
-        self.names = itertools.count()
         self.pool = gevent.get_hub().threadpool
+        self.segment = None
+        if spool is not None:
+            self.segment = os.open(os.path.join(spool, "segment"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.waiting: list[tuple[bytes, AsyncResult]] = []
+        self.wake = Event()
+        gevent.spawn(self.committer)
         for port, queue in zip(backups, self.queues):
             for _ in range(WORKERS_PER_BACKUP):
                 gevent.spawn(self.backup, port, queue)
 
-    def write(self, path: str, content: bytes) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, content)
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
+    def write(self, contents: list[bytes]) -> None:
+        os.writev(self.segment, contents)
+        os.fdatasync(self.segment)
+
+    def committer(self) -> None:
+        """Group commit: every content waiting, one writev and one fdatasync."""
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            batch, self.waiting = self.waiting, []
+            if batch:
+                self.pool.apply(self.write, ([content for content, _ in batch],))
+                for _, done in batch:
+                    done.set()
+
+    def store(self, content: bytes) -> None:
+        if self.segment is not None:
+            done = AsyncResult()
+            self.waiting.append((content, done))
+            self.wake.set()
+            done.get()
 
     def handle(self, sock: socket.socket, _address: object) -> None:
         client = Peer(sock)
@@ -130,7 +151,7 @@ class Floor:
                     return
                 elif verb in (b"MAIL", b"RCPT", b"DATA"):
                     if primary is None:
-                        primary = connect(self.primary)
+                        primary = self.idle.pop() if self.idle else connect(self.primary)
                     primary.sock.sendall(line)
                     reply = primary.reply()
                     if verb == b"MAIL":
@@ -140,30 +161,29 @@ class Floor:
                     sock.sendall(reply)
                     if verb == b"DATA" and reply[:1] == b"3":
                         content = client.content()
-                        path = None
-                        if self.spool is not None:
-                            path = os.path.join(self.spool, str(next(self.names)))
-                            self.pool.apply(self.write, (path, content))
+                        self.store(content)
                         primary.sock.sendall(content)
                         reply = primary.reply()
                         if reply[:1] == b"2":
-                            copy = [sender, recipients, content, path, len(self.queues)]
+                            copy = (sender, recipients, content)
                             for queue in self.queues:
                                 queue.put(copy)
+                        self.idle.append(primary)  # the transaction is over
+                        primary = None
                         sock.sendall(reply)
                 else:
                     sock.sendall(b"250 2.0.0 ok\r\n")
         except (EOFError, OSError):
             pass
         finally:
-            if primary is not None:
+            if primary is not None:  # left in a transaction
                 primary.sock.close()
 
     def backup(self, port: int, queue: Queue) -> None:
         peer: Peer | None = None
         while True:
             copy = queue.get()
-            sender, recipients, content, path, _ = copy
+            sender, recipients, content = copy
             try:
                 if peer is None:
                     peer = connect(port)
@@ -176,10 +196,6 @@ class Floor:
                 peer = None
                 queue.put(copy)
                 gevent.sleep(0.1)
-                continue
-            copy[4] -= 1
-            if copy[4] == 0 and path is not None:
-                self.pool.spawn(os.unlink, path)
 
 
 def main() -> None:

@@ -193,8 +193,9 @@ def _main_table(results: dict) -> list[str]:
     lines += ["", "Throughput in msg/s; e2e = until every copy reached every sink. Ratios are per run, then the "
               "median. CPU per message: the relay process; every process of the Postfix instance."
               + (" BEFORE: the relay at the baseline commit, alternated with the others." if before else "")
-              + (" FLOOR: bench/floor.py, the least a gevent relay does for the same job (an fsynced file per "
-                 "message); FLOOR-NODISK: the same keeping nothing on disk." if floor else "")
+              + (" FLOOR: bench/floor.py, the least a gevent relay does for the same job (pooled primary "
+                 "sessions, content group-committed to one segment file); FLOOR-NODISK: the same keeping nothing "
+                 "on disk." if floor else "")
               + " Failed runs are left out (see the JSON)."]
     return lines
 

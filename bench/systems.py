@@ -6,9 +6,9 @@
   only; the BEFORE system is the same with ``PYTHONPATH`` on a ``Baseline``.
 - ``Baseline``: a commit checked out in a ``git worktree`` (temporary).
 - ``Floor``: ``bench/floor.py``, the least a gevent relay does for the same
-  job (lockstep primary, an fsynced file per message, two backups), as the
-  floor under the relay's CPU per message; FLOOR-NODISK the same with no
-  file at all.
+  job (lockstep primary over pooled sessions, content group-committed to a
+  segment file, two backups), as the floor under the relay's CPU per
+  message; FLOOR-NODISK the same with nothing on disk.
 - ``Postfix``: a private Postfix doing smtpdup's job (``always_bcc``).
 - ``PostfixFront``: a private Postfix in front, its transport map sending one
   test domain per route to smtpdup (or straight to a sink), as the README's
