@@ -205,15 +205,20 @@ def test_451_twice_at_final_dot_then_delivered_exactly_once(upstreams, relay, tm
             seen.add((entry["attempts"], entry["last_reply"]))
         return backup.count() >= 1 and spool_idle(environ)
 
+    def attempt_lines() -> list[dict]:
+        return [
+            json.loads(logs._JsonLineFormatter().format(r))
+            for r in caplog.records
+            if r.name == "smtpdup.delivery" and r.getMessage() == "backup_attempt"
+        ]
+
     wait_until(delivered, what="the copy delivered on the third attempt")
     assert {(1, "451 4.3.0 try later (1)"), (2, "451 4.3.0 try later (2)")} <= seen
     assert backup.count() == 1
     qid = queue_id_of(backup.messages()[0])
-    lines = [
-        json.loads(logs._JsonLineFormatter().format(r))
-        for r in caplog.records
-        if r.name == "smtpdup.delivery" and r.getMessage() == "backup_attempt"
-    ]
+    # An attempt is logged once its outcome is on disk: just after the spool empties.
+    wait_until(lambda: len(attempt_lines()) >= 3, timeout=5, what="the third attempt logged")
+    lines = attempt_lines()
     assert [(x["queue_id"], x["attempt"], x["outcome"], x["reply"]) for x in lines] == [
         (qid, 1, "deferred", "451 4.3.0 try later (1)"),
         (qid, 2, "deferred", "451 4.3.0 try later (2)"),
