@@ -598,8 +598,13 @@ def test_copy_delivered_on_a_retry_is_settled_and_never_sent_again(upstreams, re
     backup2.wait_for(3, timeout=15)
     wait_until(lambda: spool_idle(environ), what="the spool to empty")
     assert queue_list(environ) == []
-    delivered = [e for e in relay.events() if e.get("event") == "backup_attempt" and e["outcome"] == "delivered"]
-    assert len(delivered) == 6
+
+    def delivered() -> list[dict]:
+        return [e for e in relay.events() if e.get("event") == "backup_attempt" and e["outcome"] == "delivered"]
+
+    # Each attempt is logged just after its outcome is on disk.
+    wait_until(lambda: len(delivered()) >= 6, timeout=5, what="six delivered attempts logged")
+    assert len(delivered()) == 6
     relay.signal(signal.SIGTERM)
     assert relay.wait() == 0
     relay.start_on_free_port()
