@@ -4,7 +4,11 @@
 only from ``smtp.allowed_networks`` (554 5.7.1 otherwise) and below
 ``smtp.max_connections`` (421 4.7.0 otherwise), answering those itself:
 ``spawn=Pool(n)`` would silently stop accepting instead. Sessions run in
-plain greenlets, tracked so that a drain can wait for them and then end them.
+plain greenlets, tracked so that a drain can wait for them and then end them,
+and so that one sweeper ends those whose client kept them waiting past
+``smtp.idle_timeout_seconds`` (a timer per wait would cost every idle
+connection a Timeout and its watcher, about 500 bytes, and every read the
+time to arm and cancel it).
 
 It knows sessions, not what they serve: the relay (service.py wires it) and
 the sink (cli.py) hand it their session factory.
@@ -24,12 +28,17 @@ from .config import Config, Current
 from .preflight import server_tls_context
 from .protocol import Limits
 from .reply import ACCESS_DENIED, SHUTTING_DOWN, TOO_MANY_CONNECTIONS
-from .session import Backend, Drain, Session
+from .session import Backend, Drain, IdleTimeout, Session
 
 log = logs.get("server")
 
 # How often a drain looks whether the last sessions have finished.
 DRAIN_POLL_SECONDS = 0.05
+# How often the sweeper looks for sessions past their deadline: a quarter
+# of smtp.idle_timeout_seconds, within these bounds; a silent client is
+# cut between the timeout and the timeout plus this.
+SWEEP_MIN_SECONDS = 0.05
+SWEEP_MAX_SECONDS = 1.0
 
 
 def limits_for(config: Config, tls: bool) -> Limits:
@@ -57,6 +66,7 @@ class SmtpServer:
         self.backend_factory = backend_factory
         self.sessions: dict[Session, gevent.Greenlet] = {}
         self.draining = False
+        self._sweeper: gevent.Greenlet | None = None
         self.reconfigure(current.config)
         listen = current.config.smtp.listen
         # Plain greenlets: a Pool would cost each idle session ~800 bytes,
@@ -81,7 +91,19 @@ class SmtpServer:
 
     def start(self) -> None:
         self._server.start()
+        self._sweeper = gevent.spawn(self._sweep)
         log.info("listening", extra={"address": f"{self.address[0]}:{self.address[1]}"})
+
+    def _sweep(self) -> None:
+        """End the sessions past their deadline (Session.deadline), forever."""
+        loop = gevent.get_hub().loop
+        while True:
+            timeout = self.current.config.smtp.idle_timeout_seconds
+            gevent.sleep(min(SWEEP_MAX_SECONDS, max(SWEEP_MIN_SECONDS, timeout / 4)))
+            now = time.monotonic()
+            for session, greenlet in list(self.sessions.items()):
+                if 0.0 < session.deadline <= now:
+                    loop.run_callback(_expire, session, greenlet)
 
     def _handle(self, sock: socket.socket, address: tuple) -> None:
         client_ip = address[0]
@@ -143,3 +165,12 @@ class SmtpServer:
             if session not in told:
                 greenlet.kill(Drain, block=False)
         gevent.joinall(list(self.sessions.values()), timeout=1.0)
+        if self._sweeper is not None:
+            self._sweeper.kill(block=False)
+
+
+def _expire(session: Session, greenlet: gevent.Greenlet) -> None:
+    """In the hub: throw IdleTimeout into a session still past its deadline
+    (it may have been woken by its client since the sweep saw it)."""
+    if 0.0 < session.deadline <= time.monotonic() and not greenlet.dead:
+        greenlet.throw(IdleTimeout())

@@ -4,7 +4,9 @@ A :class:`Session` moves bytes between the socket and the sans-IO
 :class:`~smtpdup.protocol.ServerProtocol`, and hands the events that need a
 verdict to a :class:`Backend` (the relay, or the sink). Replies to a
 pipelined batch leave in one write, and only right before the session
-blocks on a read. Every read waits at most ``idle_timeout_seconds``.
+blocks on a read. A session blocked on its client (a read, a write, the TLS
+handshake) sets ``deadline``; the server's sweeper ends it with 421 4.4.2
+once that passes (one sweep for every session, not a timer per wait).
 
 It owns no policy and keeps no SMTP state: what to answer comes from the
 protocol or the backend, and whether a transaction is open (a draining
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 from typing import Protocol
 
 from . import logs
@@ -61,10 +64,14 @@ class Drain(BaseException):
     """Thrown into an idle session when the server shuts down."""
 
 
+class IdleTimeout(socket.timeout):
+    """Thrown into a session whose client kept it waiting past its deadline."""
+
+
 class Session:
     __slots__ = (
         "sock", "client_ip", "backend", "proto", "idle_timeout_seconds", "tls_context",
-        "draining", "idle", "_start_tls",
+        "draining", "idle", "deadline", "_start_tls",
     )
 
     def __init__(
@@ -86,13 +93,19 @@ class Session:
         self.tls_context = tls_context
         self.draining = False
         self.idle = False  # blocked on a read with no transaction open
+        # time.monotonic() by which the client must have answered, while
+        # the session waits on it; 0.0 while it does not.
+        self.deadline = 0.0
         self._start_tls = False
+
+    def _waiting(self) -> None:
+        self.deadline = time.monotonic() + self.idle_timeout_seconds
 
     def run(self) -> None:
         """Serve the connection until QUIT, close, timeout or drain."""
         sock = self.sock
         try:
-            sock.settimeout(self.idle_timeout_seconds)
+            sock.settimeout(None)  # waits end by the deadline (see the module's docstring)
             self._serve()
         except Drain:
             self._last_words(SHUTTING_DOWN)
@@ -113,10 +126,13 @@ class Session:
                 self.sock.close()
 
     def _last_words(self, reply: Reply) -> None:
+        self._waiting()
         try:
             self.sock.sendall(reply.to_bytes())
         except OSError:
             pass
+        finally:
+            self.deadline = 0.0
 
     def _serve(self) -> None:
         proto = self.proto
@@ -128,7 +144,9 @@ class Session:
             if pending:
                 sent = self.sock.send(pending)  # one send() nearly always takes it all
                 if sent < len(pending):
+                    self._waiting()
                     self.sock.sendall(memoryview(pending)[sent:])
+                    self.deadline = 0.0
                 pending = b""
             if proto.closed:
                 return
@@ -139,10 +157,12 @@ class Session:
                 self._last_words(SHUTTING_DOWN)
                 return
             self.idle = not proto.in_transaction
+            self._waiting()
             try:
                 data = self.sock.recv(RECV_BYTES)
             finally:
                 self.idle = False
+                self.deadline = 0.0
             proto.receive_data(data)
 
     def _dispatch(self, event: object) -> None:
@@ -175,6 +195,10 @@ class Session:
     def _wrap_tls(self) -> None:
         self._start_tls = False
         assert self.tls_context is not None
-        self.sock = self.tls_context.wrap_socket(self.sock, server_side=True)
+        self._waiting()
+        try:
+            self.sock = self.tls_context.wrap_socket(self.sock, server_side=True)
+        finally:
+            self.deadline = 0.0
         self.proto.tls_started()
         self.backend.tls_started()

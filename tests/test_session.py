@@ -1,4 +1,5 @@
-"""Tests for the gevent shell (smtpdup.session) while the server drains.
+"""Tests for the gevent shell (smtpdup.session) while the server drains,
+and for the sweeper that ends sessions whose client keeps them waiting.
 
 A session in a transaction may finish it; one without is told 421 4.3.2
 and closed. The session asks the protocol whether a transaction is open
@@ -29,8 +30,8 @@ class Sink:
     """An in-process sink server on a free loopback port (message limit 100
     bytes), and the drain started on it, if any."""
 
-    def __init__(self, tmp_path) -> None:
-        environ = relay_environ(tmp_path, "127.0.0.1:25", smtp_max_message_bytes=100)
+    def __init__(self, tmp_path, **keys) -> None:
+        environ = relay_environ(tmp_path, "127.0.0.1:25", smtp_max_message_bytes=100, **keys)
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(16)
@@ -145,3 +146,72 @@ def test_a_session_without_a_transaction_hears_421_at_once(sink, before, count) 
         sink.start_drain()
         assert read_reply(sock).startswith(SHUTTING_DOWN)
         assert sock.recv(100) == b""
+
+
+# --- clients that keep a session waiting ----------------------------------------------
+
+IDLE_TIMEOUT = 0.4
+TIMED_OUT = b"421 4.4.2 "
+
+
+@pytest.fixture
+def impatient_sink(tmp_path):
+    sink = Sink(tmp_path, smtp_idle_timeout_seconds=IDLE_TIMEOUT)
+    try:
+        yield sink
+    finally:
+        sink.stop()
+
+
+@pytest.mark.parametrize(
+    "before, count",
+    [
+        pytest.param(b"", 0, id="connected"),
+        pytest.param(ENVELOPE, 3, id="after-rcpt"),
+        pytest.param(ENVELOPE + b"DATA\r\nSubject: x\r\n", 4, id="mid-content"),
+    ],
+)
+def test_a_silent_client_hears_421_and_is_closed(impatient_sink, before, count) -> None:
+    with connect(impatient_sink) as sock:
+        if before:
+            sock.sendall(before)
+            replies(sock, count)
+        assert read_reply(sock).startswith(TIMED_OUT)
+        assert sock.recv(100) == b""
+    wait_until(lambda: not impatient_sink.server.sessions, what="the session to end")
+
+
+def test_a_client_that_reads_no_replies_is_cut(impatient_sink) -> None:
+    """It pipelines commands and never reads: once the replies fill both
+    socket buffers the session's write waits, and the sweeper ends it."""
+    sock = connect(impatient_sink)
+    noops = b"NOOP\r\n" * 100_000
+
+    def flood() -> None:
+        try:
+            for _ in range(200):  # bounded: 120 MB at most, far beyond any socket buffer
+                sock.sendall(noops)
+        except OSError:
+            pass  # the relay closed the connection
+
+    sender = gevent.spawn(flood)
+    try:
+        wait_until(lambda: impatient_sink.server.sessions and all(
+            s.deadline > 0 for s in impatient_sink.server.sessions), what="the session waiting on its client")
+        wait_until(lambda: not impatient_sink.server.sessions, what="the session to be cut")
+    finally:
+        sender.kill()
+        sock.close()
+
+
+def test_a_waiting_session_keeps_no_timer(impatient_sink) -> None:
+    """The deadline is the only clock a waiting session holds: its socket
+    has no timeout (a timer per read would cost every idle connection a
+    Timeout and a watcher)."""
+    with connect(impatient_sink) as sock:
+        sock.sendall(b"EHLO client.example\r\n")
+        replies(sock, 1)
+        [session] = list(impatient_sink.server.sessions)
+        assert session.sock.timeout is None
+        assert session.deadline > 0
+        assert read_reply(sock).startswith(TIMED_OUT)
