@@ -270,7 +270,8 @@ KEYS: Final[tuple[Setting, ...]] = (
     Setting("smtp.max_connections", _integer(minimum=1), 5000,
             "further connections get 421 4.7.0 and are closed", "int"),
     Setting("smtp.idle_timeout_seconds", _SECONDS, 300,
-            "a silent client gets 421 4.4.2 and is closed", "number"),
+            "a silent client gets 421 4.4.2 and is closed (also one that stops reading our replies; "
+            "checked every quarter of this, at most every second)", "number"),
     Setting("smtp.allowed_networks", _networks,
             ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"],
             "other clients get 554 5.7.1 and are closed; 0.0.0.0/0,::/0 allows all",
