@@ -131,3 +131,22 @@ def test_a_worker_that_dies_is_replaced_and_reload_reaches_every_worker(upstream
     assert backup.count() == before
     assert relay.stop() == 0
     assert relay.log().count('"backup_attempt"') == attempts_logged
+
+
+def test_each_worker_cuts_its_silent_clients(upstreams, relays, tmp_path):
+    """A worker runs the sweeper that ends sessions past their deadline:
+    six connections, whichever worker accepted each, all hear 421 4.4.2."""
+    primary = upstreams("primary")
+    environ = relay_environ(tmp_path, primary.address, smtp_workers=2, smtp_idle_timeout_seconds=0.4,
+                            smtp_listen=f"127.0.0.1:{free_port()}")
+    relay = relays(environ)
+    clients = [smtplib.SMTP(*relay.address, timeout=30) for _ in range(6)]
+    try:
+        for smtp in clients:
+            assert smtp.ehlo()[0] == 250
+        for smtp in clients:
+            code, text = smtp.getreply()
+            assert (code, text[:5]) == (421, b"4.4.2")
+    finally:
+        for smtp in clients:
+            smtp.close()
