@@ -1061,42 +1061,36 @@ class Spool:
             except FileNotFoundError:
                 continue
 
-    def _retire(self, path: str) -> None:
-        """Done with a message file (or a state file): keep it for reuse, or
-        remove it.
+    def _retire(self, path: str, state: bool = False) -> None:
+        """Done with a message file (or, with ``state``, a state file): keep
+        it for reuse, or remove it.
 
         Creating and deleting thousands of files a second makes ext4 search
         ever longer for a free inode (it skips recently deleted ones), which
         costs more CPU than the rest of a delivery; a file that is renamed
         away and overwritten later keeps its inode. A file with another link
-        (a dead letter shares its content) is never reused.
+        (a dead letter shares its content) is never reused. A state file is
+        small and never linked, and most messages never had one (every copy
+        settled on its first attempt): no stat, the rename that finds none
+        is the only syscall.
 
         Beyond FREE_FILES_MAX a file still goes to ``free/`` (at most
         FREE_FILES_SURPLUS more), for ``trim_free`` to remove later.
         """
         if len(self._free) < FREE_FILES_MAX + FREE_FILES_SURPLUS:
             try:
-                st = os.stat(path)
-                if st.st_nlink == 1 and st.st_size <= FREE_FILE_MAX_BYTES:
-                    name = os.path.basename(path)
-                    os.rename(path, os.path.join(self._free_dir, name))
-                    self._free.append((name, st.st_size))
-                    return
-            except FileNotFoundError:
-                return
-        _unlink(path)
-
-    def _retire_state(self, path: str) -> None:
-        """``_retire`` for a state file: small and never linked, so no
-        stat; most messages never had one (every copy settled on its first
-        attempt), and the rename that finds none is the only syscall."""
-        if len(self._free) < FREE_FILES_MAX + FREE_FILES_SURPLUS:
-            name = os.path.basename(path)
-            try:
+                size = -1  # a state file's: unknown, cut at reuse
+                if not state:
+                    st = os.stat(path)
+                    if st.st_nlink != 1 or st.st_size > FREE_FILE_MAX_BYTES:
+                        _unlink(path)
+                        return
+                    size = st.st_size
+                name = os.path.basename(path)
                 os.rename(path, os.path.join(self._free_dir, name))
             except FileNotFoundError:
                 return
-            self._free.append((name, -1))
+            self._free.append((name, size))
             return
         _unlink(path)
 
@@ -1280,7 +1274,7 @@ class Spool:
                 _unlink(self._msg_path(queue_id))
             else:
                 self._retire(self._msg_path(queue_id))
-            self._retire_state(state_path)
+            self._retire(state_path, state=True)
             return
         tmp_path = os.path.join(self._tmp, f"{queue_id}.state.{_tmp_name()}")
         fd = os.open(tmp_path, _NEW_FILE_FLAGS, FILE_MODE)
@@ -1311,8 +1305,8 @@ class Spool:
         only."""
         errors: list[BaseException | None] = [None] * len(outcomes)
         last: dict[int, int] = {}  # id(message) -> index of its last outcome
-        # Journal lines wait here (with their outcomes' indexes) and go out
-        # in one write: before a dead letter, and before the saves.
+        # Journal lines wait here (``waiting``: the outcomes they are of) and
+        # go out in one write: before a dead letter, and before the saves.
         pending: list[tuple[float, bytes]] = []
         waiting: list[int] = []
 
@@ -1329,13 +1323,15 @@ class Spool:
         for i, outcome in enumerate(outcomes):
             message, copy = outcome.message, outcome.copy
             last[id(message)] = i
+            lines_before = len(pending)
             if outcome.delivered:
                 self.journal_delivered(message, copy, outcome.delivered, pending)
             if outcome.deferred:
                 self.journal_deferred(message, copy, outcome.deferred, outcome.reply, pending)
             for recipient, reply in outcome.refused:
                 self.journal_refused(message, copy, recipient, reply, pending)
-            waiting.append(i)
+            if len(pending) > lines_before:
+                waiting.append(i)
             if outcome.dead:
                 write_pending()
                 if errors[i] is not None:
