@@ -230,12 +230,15 @@ class Relay(System):
         return subprocess.run([sys.executable, "-m", "smtpdup", *words], env=self.env, cwd=self.dir,
                               capture_output=True, text=True, timeout=timeout)
 
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "smtpdup"]
+
     def launch(self) -> subprocess.Popen:
         """Start the process, without waiting for it to listen."""
         log = open(self.log_path, "ab")
         try:
-            self.proc = self.procs.start(f"relay {self.label}", [sys.executable, "-m", "smtpdup"], env=self.env,
-                                         cwd=self.dir, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            self.proc = self.procs.start(f"{self.name} {self.label}", self.argv(), env=self.env, cwd=self.dir,
+                                         stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         finally:
             log.close()
         return self.proc
@@ -257,7 +260,7 @@ class Relay(System):
         return self.proc is not None and self.proc.poll() is None
 
     def describe_failure(self) -> str:
-        return f"relay died: {self.log_tail()}"
+        return f"{self.name} died: {self.log_tail()}"
 
     # With smtp.workers > 1 the relay is a supervisor and its forked
     # workers: CPU and memory are summed over the process tree (peak RSS
@@ -319,20 +322,10 @@ class Floor(Relay):
         self.primary_port = primary.port
         self.backup_ports = [s.port for s in backups]
 
-    def launch(self) -> subprocess.Popen:
-        argv = [sys.executable, str(BENCH_DIR / "floor.py"), "--listen", str(self.port),
+    def argv(self) -> list[str]:
+        return [sys.executable, str(BENCH_DIR / "floor.py"), "--listen", str(self.port),
                 "--primary", str(self.primary_port), "--backups", ",".join(map(str, self.backup_ports)),
                 "--spool", str(self.spool_dir)] + ([] if self.disk else ["--no-spool"])
-        log = open(self.log_path, "ab")
-        try:
-            self.proc = self.procs.start(f"{self.name} {self.label}", argv, env=self.env, cwd=self.dir,
-                                         stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        finally:
-            log.close()
-        return self.proc
-
-    def describe_failure(self) -> str:
-        return f"{self.name} died: {self.log_tail()}"
 
 
 # --- the baseline: another commit's relay -------------------------------------------
